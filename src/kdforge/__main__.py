@@ -1,0 +1,5 @@
+"""``python -m kdforge`` (what ``torchrun ... -m kdforge`` runs)."""
+
+from kdforge.cli import main
+
+main()

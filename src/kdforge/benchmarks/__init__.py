@@ -1,0 +1,1 @@
+"""Benchmarks behind ``kdforge bench ...``: each writes JSON + markdown and names the machine."""

@@ -1,0 +1,264 @@
+"""``kdforge bench lm``: the RLKD paper's tables replicated on tiny models trained here.
+
+Two ~5M-parameter teachers are trained once by kdforge (cached under ``$KDFORGE_HOME/tiny-lm``):
+one on the built-in real-text corpus, one on the built-in arithmetic task. ~1M-parameter students
+(random initialisation, one per seed) are then distilled with each base objective, without and with
+the ranking term, and measured as the paper measures:
+
+* Table 1 analogue (corpus): perplexity, CR@1..5, MOR@3/5/10/20 on training and held-out passages
+  (RLKD k = 15);
+* Table 2 analogue (downstream): exact-match accuracy of greedy answers on unseen problems, for SFT
+  (labels only), each objective alone and with the ranking term (k = 5), and the ranking term alone;
+* Table 4 analogue: milliseconds per training step with and without the ranking term.
+
+Every row is a mean over seeds with its standard deviation (the paper used one seed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdforge.benchmarks.machine import describe_machine, machine_line
+from kdforge.config import parse_config
+from kdforge.data.lm import builtin_records
+from kdforge.evaluation.lm import CR_KS, MOR_KS, agreement_metrics, exact_match_accuracy
+from kdforge.home import kdforge_home
+from kdforge.models.tiny import build_tiny_lm, train_tokenizer
+from kdforge.tasks.lm import encode_record, load_causal_lm
+from kdforge.training.loop import train
+
+PRETRAIN_K, DOWNSTREAM_K = 15, 5
+METRIC_KEYS = ("ppl", *(f"cr@{k}" for k in CR_KS), *(f"mor@{k}" for k in MOR_KS))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one benchmark run."""
+
+    objectives: tuple[str, ...]
+    seeds: int
+    teacher_steps: int
+    pretrain_steps: int
+    downstream_steps: int
+    eval_passages: int
+    eval_problems: int
+
+
+QUICK = Plan(("kl", "rkl", "tvd"), seeds=1, teacher_steps=400, pretrain_steps=150, downstream_steps=200,
+             eval_passages=100, eval_problems=200)
+FULL = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, teacher_steps=1500, pretrain_steps=500,
+            downstream_steps=400, eval_passages=200, eval_problems=300)
+
+
+def _run_config(teacher: Path | None, student: Path, data: str, steps: int, objective: dict, seed: int,
+                max_length: int) -> dict:
+    return {
+        "task": "lm",
+        "teachers": [{"path": str(teacher)}] if teacher else [],
+        "student": {"path": str(student)},
+        "data": {"train": data, "max_length": max_length},
+        "objective": objective,
+        "training": {"steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "seed": seed,
+                     "eval_every": steps, "checkpoint_every": steps},
+    }
+
+
+def _train_once(out_dir: Path, raw_config: dict) -> Path:
+    """Train unless ``out_dir`` already holds this finished run; return its student directory."""
+    if not (out_dir / "result.json").exists():
+        train(parse_config(raw_config), out_dir, resume=(out_dir / "config.json").exists(), show_progress=False)
+    return out_dir / "student"
+
+
+def tiny_teachers(home: Path, plan: Plan) -> dict[str, Path]:
+    """The tokenizer and the two trained teachers, built once per step budget under ``home/tiny-lm``."""
+    root = home / "tiny-lm"
+    tokenizer_dir = root / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        texts = [r["text"] for r in builtin_records("web-text")]
+        texts += [r["query"] + "\n" + r["response"] for r in builtin_records("arithmetic")[:5000]]
+        train_tokenizer(texts, vocab_size=2048).save_pretrained(tokenizer_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    teachers = {"tokenizer": tokenizer_dir}
+    for name, data, max_length in (("web", "builtin:web-text", 128), ("arithmetic", "builtin:arithmetic", 96)):
+        initial = root / f"teacher-{name}-init"
+        if not (initial / "config.json").exists():
+            build_tiny_lm(initial, "teacher", tokenizer, seed=0)
+        raw = _run_config(None, initial, data, plan.teacher_steps, {"name": "none", "ce_weight": 1.0}, 0, max_length)
+        raw["training"] |= {"batch_size": 16, "lr": 3e-3, "warmup_steps": 50}
+        teachers[name] = _train_once(root / f"teacher-{name}-{plan.teacher_steps}", raw)
+    return teachers
+
+
+def _student_init(home: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import AutoTokenizer
+
+    path = home / "tiny-lm" / f"student-init-seed{seed}"
+    if not (path / "config.json").exists():
+        build_tiny_lm(path, "student", AutoTokenizer.from_pretrained(tokenizer_dir), seed=seed)
+    return path
+
+
+def _mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    """Mean and standard deviation over seeds of each metric."""
+    summary = {"seeds": len(rows)}
+    for key in keys:
+        values = [row[key] for row in rows]
+        summary[key] = statistics.fmean(values)
+        summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary
+
+
+def pretrain_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path]) -> list[dict]:
+    """Table 1 analogue: distil on the corpus; agreement on training and held-out passages."""
+    teacher, tokenizer = load_causal_lm(teachers["web"])
+    teacher.eval()
+
+    def teacher_logprobs(batch):
+        return torch.log_softmax(teacher(input_ids=batch["inputs"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+
+    splits = {
+        "train": [encode_record(r, tokenizer, 128) for r in builtin_records("web-text")[: plan.eval_passages]],
+        "heldout": [encode_record(r, tokenizer, 128) for r in builtin_records("web-text-heldout")[: plan.eval_passages]],
+    }
+    table = []
+    for objective in plan.objectives:
+        for with_rank in (False, True):
+            per_seed = {split: [] for split in splits}
+            for seed in range(plan.seeds):
+                spec = {"name": objective, **({"rlkd": {"k": PRETRAIN_K, "weight": 2.0}} if with_rank else {})}
+                name = f"{objective}{'+r' if with_rank else ''}-seed{seed}"
+                student_dir = _train_once(out / "runs" / f"pretrain-{plan.pretrain_steps}" / name, _run_config(
+                    teachers["web"], _student_init(home, teachers["tokenizer"], seed), "builtin:web-text",
+                    plan.pretrain_steps, spec, seed, 128))
+                student, _ = load_causal_lm(student_dir)
+                for split, examples in splits.items():
+                    per_seed[split].append(agreement_metrics(student, teacher_logprobs, examples, tokenizer.pad_token_id))
+            for split, rows in per_seed.items():
+                table.append({"objective": objective, "rlkd": with_rank, "split": split, **_mean_rows(rows, METRIC_KEYS)})
+    return table
+
+
+def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path]) -> list[dict]:
+    """Table 2 analogue: distil on the arithmetic task; exact-match accuracy of greedy answers."""
+    problems = builtin_records("arithmetic-test")[: plan.eval_problems]
+    queries = [p["query"] for p in problems]
+    answers = [int(p["response"].rsplit("####", 1)[1]) for p in problems]
+    rank = {"k": DOWNSTREAM_K, "weight": 2.0}
+    settings = [("sft", False, {"name": "none", "ce_weight": 1.0})]
+    for objective in plan.objectives:
+        settings += [(objective, False, {"name": objective}), (objective, True, {"name": objective, "rlkd": rank})]
+    settings.append(("rank_only", True, {"name": "none", "rlkd": rank}))
+    table = []
+    for name, with_rank, spec in settings:
+        accuracies = []
+        for seed in range(plan.seeds):
+            teacher = None if name == "sft" else teachers["arithmetic"]
+            run = f"{name}{'+r' if with_rank and name != 'rank_only' else ''}-seed{seed}"
+            student_dir = _train_once(out / "runs" / f"downstream-{plan.downstream_steps}" / run, _run_config(
+                teacher, _student_init(home, teachers["tokenizer"], seed), "builtin:arithmetic",
+                plan.downstream_steps, spec, seed, 96))
+            student, tokenizer = load_causal_lm(student_dir)
+            accuracies.append({"accuracy": exact_match_accuracy(student, tokenizer, queries, answers)})
+        table.append({"objective": name, "rlkd": with_rank, **_mean_rows(accuracies, ("accuracy",))})
+    teacher, tokenizer = load_causal_lm(teachers["arithmetic"])
+    table.append({"objective": "teacher", "rlkd": False, "accuracy": exact_match_accuracy(teacher, tokenizer, queries, answers),
+                  "accuracy_std": 0.0, "seeds": 1})
+    return table
+
+
+def step_overhead(home: Path, teachers: dict[str, Path], repeats: int = 20) -> dict:
+    """Median milliseconds of one distillation step (forward, backward, AdamW) with and without RLKD."""
+    from kdforge.tasks.lm import LMTask
+    from kdforge.training.loop import accumulate_gradients
+
+    timings = {}
+    for key, spec in (("step_ms_base", {"name": "kl"}), ("step_ms_rlkd", {"name": "kl", "rlkd": {"k": PRETRAIN_K}})):
+        raw = _run_config(teachers["web"], _student_init(home, teachers["tokenizer"], 0), "builtin:web-text", 1, spec, 0, 128)
+        task = LMTask(parse_config(raw), home / "tiny-lm")
+        optimizer = torch.optim.AdamW(task.student.parameters(), lr=1e-4)
+        batch = task.batch(list(range(8)))
+        seconds = []
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            accumulate_gradients(task, [batch], home, 0)
+            optimizer.step()
+            seconds.append(time.perf_counter() - start)
+        timings[key] = 1000 * statistics.median(seconds[2:])
+    timings["rlkd_overhead_pct"] = 100 * (timings["step_ms_rlkd"] / timings["step_ms_base"] - 1)
+    return timings
+
+
+def plot_agreement(pretrain: list[dict], path: Path) -> None:
+    """CR@k and MOR@k on held-out text per objective, without and with RLKD (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in pretrain if r["split"] == "heldout"]
+    objectives = list(dict.fromkeys(r["objective"] for r in rows))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, keys, title in ((axes[0], [f"cr@{k}" for k in CR_KS], "CR@k (held-out)"),
+                              (axes[1], [f"mor@{k}" for k in MOR_KS], "MOR@k (held-out)")):
+        for colour, objective in enumerate(objectives):
+            for with_rank, style in ((False, "--"), (True, "-")):  # one colour per objective, solid = + R
+                row = next(r for r in rows if r["objective"] == objective and r["rlkd"] == with_rank)
+                axis.errorbar(range(len(keys)), [row[k] for k in keys], yerr=[row[f"{k}_std"] for k in keys],
+                              color=f"C{colour}", linestyle=style, marker="o", capsize=3,
+                              label=f"{objective}{' + R' if with_rank else ''}")
+        axis.set_xticks(range(len(keys)), keys)
+        axis.set_title(title)
+        axis.set_ylabel("%")
+    axes[1].legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# RLKD on tiny models", "", f"Machine: {machine_line(report['machine'])}. Command: `{report['command']}`.",
+             f"Seeds: {report['plan']['seeds']}; values are mean ± std over seeds; rates in percent.", "",
+             "## Table 1 analogue: distillation on the corpus", "",
+             "| objective | split | ppl | CR@1 | CR@2 | CR@3 | CR@4 | CR@5 | MOR@3 | MOR@5 | MOR@10 | MOR@20 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["pretrain"]:
+        cells = " | ".join(f"{r[k]:.2f} ± {r[k + '_std']:.2f}" for k in METRIC_KEYS)
+        lines.append(f"| {r['objective']}{' + R' if r['rlkd'] else ''} | {r['split']} | {cells} |")
+    lines += ["", "## Table 2 analogue: downstream exact-match accuracy", "", "| objective | accuracy % |", "|---|---|"]
+    for r in report["downstream"]:
+        label = r["objective"] + (" + R" if r["rlkd"] and r["objective"] != "rank_only" else "")
+        lines.append(f"| {label} | {r['accuracy']:.1f} ± {r['accuracy_std']:.1f} |")
+    o = report["overhead"]
+    lines += ["", "## Table 4 analogue: step time", "",
+              f"KL step {o['step_ms_base']:.1f} ms, KL + R step {o['step_ms_rlkd']:.1f} ms "
+              f"({o['rlkd_overhead_pct']:+.1f}%).", "", "![agreement](lm_agreement.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, seeds: int | None = None, quick: bool = False, home: Path | None = None,
+        command: str = "kdforge bench lm") -> dict:
+    """Run the benchmark into ``out`` (``lm.json``, ``lm.md``, ``lm_agreement.png``); cached runs are reused."""
+    plan = QUICK if quick else FULL
+    if seeds is not None:
+        plan = Plan(**{**plan.__dict__, "seeds": seeds})
+    out, home = Path(out), kdforge_home(home)
+    out.mkdir(parents=True, exist_ok=True)
+    teachers = tiny_teachers(home, plan)
+    report = {"command": command, "plan": plan.__dict__, "machine": describe_machine(),
+              "pretrain": pretrain_table(out, home, plan, teachers),
+              "downstream": downstream_table(out, home, plan, teachers),
+              "overhead": step_overhead(home, teachers)}
+    (out / "lm.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_agreement(report["pretrain"], out / "lm_agreement.png")
+    (out / "lm.md").write_text(to_markdown(report))
+    return report

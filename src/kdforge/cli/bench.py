@@ -1,0 +1,38 @@
+"""``kdforge bench ...``: benchmarks that write JSON + markdown results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kdforge.benchmarks import losses as loss_benchmark
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: each writes DIR/<name>.json and DIR/<name>.md.")
+
+
+@app.command("losses")
+def bench_losses(
+    out: Path = typer.Option(..., "--out", help="Folder for losses.json and losses.md."),
+    repeats: int = typer.Option(2, min=1, help="Timed forward+backward calls per case (after one warm-up)."),
+    quick: bool = typer.Option(False, help="Small shapes (512 x 8,000 and 128 x 32,000) for a fast smoke run."),
+) -> None:
+    """Time and peak memory of every objective, dense and chunked, and the ranking term's cost."""
+    shapes = ((512, 8_000), (128, 32_000)) if quick else loss_benchmark.SHAPES
+    command = f"kdforge bench losses --out {out} --repeats {repeats}" + (" --quick" if quick else "")
+    report = loss_benchmark.run(out, shapes=shapes, repeats=repeats, command=command)
+    typer.echo(loss_benchmark.to_markdown(report))
+
+
+@app.command("lm")
+def bench_lm(
+    out: Path = typer.Option(..., "--out", help="Folder for lm.json, lm.md and lm_agreement.png."),
+    seeds: int = typer.Option(None, help="Seeds per row (default: 1 with --quick, else 3)."),
+    quick: bool = typer.Option(False, help="kl, rkl, tvd only, one seed, shorter training (< 10 min)."),
+) -> None:
+    """RLKD's tables on tiny models: agreement (Table 1), accuracy (Table 2), step cost (Table 4)."""
+    from kdforge.benchmarks import lm as lm_benchmark
+
+    command = "kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
+    report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command)
+    typer.echo(lm_benchmark.to_markdown(report))

@@ -1,0 +1,40 @@
+"""``kdforge train`` and ``kdforge student init``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from kdforge.config import load_config
+from kdforge.errors import KdforgeError
+from kdforge.student.init import init_causal_lm_student
+from kdforge.training.loop import train
+
+student_app = typer.Typer(no_args_is_help=True, help="Build students from teachers.")
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="A YAML run config (see configs/)."),
+    out: Path = typer.Option(..., "--out", help="The run folder (checkpoints, history, student/)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key: key.path=value (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in --out from its last checkpoint."),
+) -> None:
+    """Distil (or fine-tune) a student as the config says; the last stdout line is the result JSON."""
+    result = train(load_config(config, overrides), out, resume=resume)
+    typer.echo(json.dumps(result))
+
+
+@student_app.command("init")
+def student_init(
+    source: Path = typer.Option(..., "--from", help="The teacher's model directory."),
+    out: Path = typer.Option(..., "--out", help="Where to save the student."),
+    layers: str = typer.Option(None, help="Comma-separated teacher layers to keep, e.g. 0,5,10."),
+    num_layers: int = typer.Option(None, help="Keep this many maximally spaced layers (default: a quarter)."),
+) -> None:
+    """Save a student made of some of the teacher's layers."""
+    if out.exists() and any(out.iterdir()):
+        raise KdforgeError(f"{out} is not empty; choose another --out")
+    kept = [int(part) for part in layers.split(",")] if layers else None
+    typer.echo(init_causal_lm_student(source, out, kept, num_layers))

@@ -1,0 +1,221 @@
+"""The run configuration: one pydantic model, validated on load, unknown keys refused by name.
+
+A YAML file (``kdforge train CONFIG.yaml``) plus ``--set key.path=value`` overrides become one
+:class:`RunConfig`. Every problem is reported as one line naming the key, e.g.
+``config key 'training.lr': Input should be greater than 0`` or
+``unknown config key 'training.stpes' (did you mean 'steps'?)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdforge.errors import KdforgeError
+from kdforge.home import kdforge_home
+
+def _expand(path: Path) -> Path:
+    """``~`` and ``$VARIABLES`` expanded; ``$KDFORGE_HOME`` means kdforge's home even when unset."""
+    text = str(path).replace("${KDFORGE_HOME}", "$KDFORGE_HOME").replace("$KDFORGE_HOME", str(kdforge_home()))
+    return Path(os.path.expandvars(text)).expanduser()
+
+
+ModelPath = Annotated[Path, AfterValidator(_expand)]
+ObjectiveName = Literal["kl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "none"]
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(StrictModel):
+    path: ModelPath = Field(description="A Hugging Face model directory.")
+    weight: float = Field(1.0, gt=0, description="Weight of this teacher's probabilities in the ensemble mean.")
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Names of the linear layers that receive adapters; default: every attention and "
+                          "feed-forward projection of the architecture.")
+    merge_on_export: bool = Field(True, description="Merge the adapters into the exported student.")
+
+
+class StudentConfig(StrictModel):
+    path: ModelPath | None = Field(None, description="An existing student model directory.")
+    init_from: ModelPath | None = Field(None, description="Build the student from this teacher directory's layers.")
+    layers: list[int] | None = Field(None, description="Teacher layers kept (with init_from); default: maximally spaced.")
+    num_layers: int | None = Field(None, ge=1, description="How many maximally spaced layers to keep (with init_from).")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        if (self.path is None) == (self.init_from is None):
+            raise ValueError("give exactly one of 'path' and 'init_from'")
+        if self.init_from is None and (self.layers is not None or self.num_layers is not None):
+            raise ValueError("'layers' and 'num_layers' need 'init_from'")
+        return self
+
+
+class RLKDConfig(StrictModel):
+    k: int = Field(5, ge=2, description="Top-k per model; the union has k..2k ids.")
+    weight: float = Field(2.0, ge=0, description="Weight of the ranking term (the paper's +R uses 2).")
+    dynamic: bool = Field(False, description="Weight each position's base loss by its top-k overlap (paper Eq. 2).")
+    regularization_strength: float = Field(1.0, gt=0, description="Soft-rank eps.")
+    rank_on: Literal["logits", "probs"] = "logits"
+
+
+class ObjectiveConfig(StrictModel):
+    name: ObjectiveName = Field("kl", description="Base logit objective; 'none' for CE or ranking only.")
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD's beta.")
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew KL's alpha.")
+    mu: float = Field(0.5, gt=0, le=1, description="AKL's head threshold.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of cross-entropy on the labels.")
+    rlkd: RLKDConfig | None = None
+
+    def base_options(self) -> dict[str, float]:
+        """The keyword arguments the chosen base objective takes beyond logits, mask and temperature."""
+        return {"jsd": {"beta": self.beta}, "skl": {"alpha": self.alpha}, "srkl": {"alpha": self.alpha},
+                "akl": {"mu": self.mu}}.get(self.name, {})
+
+
+class DataConfig(StrictModel):
+    train: str = Field(description="lm: a JSONL file or 'builtin:NAME'; asr: an audiofolder.")
+    eval: str | None = Field(None, description="Held-out data of the same kind.")
+    max_length: int = Field(128, ge=8, description="Tokens per sequence (longer ones are cut).")
+
+
+class SpecAugmentConfig(StrictModel):
+    time_masks: int = Field(2, ge=0, description="Time bands masked per utterance.")
+    time_width: int = Field(40, ge=1, description="Longest time band, in mel frames (10 ms each).")
+    freq_masks: int = Field(2, ge=0, description="Frequency bands masked per utterance.")
+    freq_width: int = Field(12, ge=1, description="Widest frequency band, in mel bins.")
+
+
+class AudioConfig(StrictModel):
+    audio_ctx: int | None = Field(None, ge=1, description="Whisper encoder positions kept (400 = 8 s); None = 1500.")
+    spec_augment: SpecAugmentConfig | None = Field(None, description="Mask time and frequency bands in training.")
+
+
+class TrainingConfig(StrictModel):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step (global).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per step; batch_size must divide by it.")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> "TrainingConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+class RunConfig(StrictModel):
+    task: Literal["lm", "asr"] = Field(description="'lm' (causal language models) or 'asr' (speech recognition).")
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="Empty for plain fine-tuning.")
+    student: StudentConfig
+    data: DataConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="Speech options (task: asr).")
+
+    @model_validator(mode="after")
+    def _teachers_for_distillation(self) -> "RunConfig":
+        distils = self.objective.name != "none" and self.objective.weight > 0 or self.objective.rlkd is not None
+        if distils and not self.teachers:
+            raise ValueError("the objective distils from teachers, but 'teachers' is empty")
+        return self
+
+
+def _model_at(location: tuple) -> type[BaseModel] | None:
+    """The config section class found by following ``location`` from :class:`RunConfig`."""
+    model: Any = RunConfig
+    for part in location:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            for c in candidates:  # list[Section]
+                inner = getattr(c, "__args__", ())
+                model = next((i for i in inner if isinstance(i, type) and issubclass(i, BaseModel)), None)
+                if model:
+                    break
+    return model
+
+
+def describe_error(error: ValidationError) -> str:
+    """The first validation problem as one line naming the key (and the closest valid key)."""
+    first = error.errors()[0]
+    location = tuple(first["loc"])
+    dotted = ".".join(str(part) for part in location) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        section = _model_at(location[:-1])
+        known = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(location[-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+        return f"unknown config key '{dotted}'{hint}"
+    if first["type"] == "missing":
+        return f"config key '{dotted}' is required"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config key '{dotted}': {message}" if location else f"config: {message}"
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key.path=value`` override (value parsed as YAML) to the raw config dict."""
+    key, separator, value = assignment.partition("=")
+    if not separator or not key:
+        raise KdforgeError(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KdforgeError(f"--set {key}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def parse_config(raw: Any, overrides: list[str] = ()) -> RunConfig:
+    """Validate a raw mapping (plus overrides) into a :class:`RunConfig`, or raise a one-line KdforgeError."""
+    if not isinstance(raw, dict):
+        raise KdforgeError("a config must be a mapping of keys to values")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise KdforgeError(describe_error(error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read and validate a YAML config file; relative model paths stay relative to the working directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise KdforgeError(f"cannot read config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise KdforgeError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    return parse_config(raw if raw is not None else {}, overrides)

@@ -1,0 +1,108 @@
+"""Recognizers: anything that turns a batch of 16 kHz audio into text.
+
+The evaluator only needs :class:`Recognizer` (``transcribe(batch) -> texts``), so CTC students and
+ensembles can be scored the same way once they exist. :class:`WhisperRecognizer` runs batched greedy
+decoding with the KV cache through ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+from kdforge.errors import KdforgeError
+from kdforge.models.loading import load_whisper
+
+# Token budget of one utterance: 8 tokens per second of its audio (as much as the window holds) plus
+# 8. English speech runs at about 3 words/s and Whisper's BPE uses about 1.3 tokens a word, so the
+# budget never cuts a real transcript; it stops a decoder stuck in a repetition loop after a length
+# proportional to the audio (a loop would otherwise run to 448 tokens and dominate the WER). Each
+# row is cut to its own budget, so every batch size gives the same transcripts.
+TOKENS_PER_SECOND = 8
+EXTRA_TOKENS = 8
+
+
+class Recognizer(Protocol):
+    """Speech to text, a batch at a time."""
+
+    sampling_rate: int
+
+    def transcribe(self, batch: list[np.ndarray]) -> list[str]:
+        """``batch``: utterances, each ``(samples,)`` float32 mono at ``sampling_rate``; one text each."""
+        ...
+
+
+class WhisperRecognizer:
+    """Greedy Whisper decoding (``num_beams=1``, no sampling, KV cache) of a batch.
+
+    The processor pads or trims every utterance to the model's window (30 s, or ``audio_ctx`` x
+    20 ms after :func:`kdforge.models.loading.apply_audio_ctx`), so a batch needs no attention mask.
+    Multilingual checkpoints are told the language and task ("en", "transcribe") instead of
+    detecting the language.
+    """
+
+    def __init__(self, model: WhisperForConditionalGeneration, processor: WhisperProcessor, language: str = "en"):
+        self.model = model
+        self.processor = processor
+        self.extractor = processor.feature_extractor
+        self.sampling_rate = self.extractor.sampling_rate
+        generation = model.generation_config
+        languages = getattr(generation, "lang_to_id", {})
+        multilingual = getattr(generation, "is_multilingual", False) and f"<|{language}|>" in languages
+        self.prompt_options = {"language": language, "task": "transcribe"} if multilingual else {}
+        # the prompt: <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>
+        self.prompt_tokens = 4 if self.prompt_options else 2
+        # a private copy: greedy with the KV cache
+        self.generation_config = copy.deepcopy(generation)
+        self.generation_config.update(do_sample=False, num_beams=1, use_cache=True)
+
+    @property
+    def window_seconds(self) -> float:
+        """Audio the encoder sees; longer utterances are cut to it."""
+        return self.extractor.n_samples / self.sampling_rate
+
+    def token_budget(self, samples: int) -> int:
+        """New tokens allowed for an utterance of ``samples`` samples (see :data:`TOKENS_PER_SECOND`)."""
+        seconds = min(samples / self.sampling_rate, self.window_seconds)
+        budget = math.ceil(TOKENS_PER_SECOND * seconds) + EXTRA_TOKENS
+        return min(budget, self.model.config.max_target_positions - self.prompt_tokens)
+
+    def token_ids(self, batch: list[np.ndarray]) -> list[list[int]]:
+        """Greedy token ids of each utterance, prompt included, cut to its own :meth:`token_budget`."""
+        budgets = [self.token_budget(len(audio)) for audio in batch]
+        # max_length rather than max_new_tokens: the latter clashes with the checkpoint's max_length
+        # and warns on every batch
+        config = copy.copy(self.generation_config)
+        config.max_length = self.prompt_tokens + max(budgets)
+        features = self.extractor(batch, sampling_rate=self.sampling_rate, return_tensors="pt").input_features
+        with torch.inference_mode():
+            rows = self.model.generate(features.to(self.model.dtype), generation_config=config, **self.prompt_options)
+        return [row[:self.prompt_tokens + budget].tolist() for row, budget in zip(rows, budgets, strict=True)]
+
+    def transcribe(self, batch: list[np.ndarray]) -> list[str]:
+        """Texts of ``batch`` (each ``(samples,)`` float32 at 16 kHz), special tokens removed."""
+        texts = self.processor.batch_decode(self.token_ids(batch), skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None) -> Recognizer:
+    """The recognizer for a Hugging Face model directory (Whisper for now).
+
+    Raises:
+        KdforgeError: no ``config.json``, or a model type kdforge cannot decode yet.
+    """
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "whisper":
+        raise KdforgeError(f"{model_dir} holds a {model_type!r} model; `kdforge eval` decodes Whisper models")
+    model, processor = load_whisper(model_dir, audio_ctx=audio_ctx)
+    return WhisperRecognizer(model, processor)

@@ -1,0 +1,273 @@
+"""RLKD: the ranking loss of METHODS.md section 2, with exact top-k unions and soft ranks.
+
+Per position, ``U = topk(teacher, k) UNION topk(student, k)`` (the exact union, k to 2k ids),
+``rho = Pearson(softrank(teacher scores on U), softrank(student scores on U))`` and
+``L_rank = 1 - mean(rho)`` over valid positions. Everything is batched over positions: unions of
+different sizes are padded to 2k with a validity mask, and the soft rank works per row on the
+valid entries only.
+
+The soft rank is Blondel et al.'s (2020) projection onto the permutahedron with "l2"
+regularisation, the same function as ``torchsort.soft_rank(regularization="l2")``, written in
+PyTorch: the isotonic regression inside it is solved in closed form by the min-max formula over
+block averages (exact and vectorised over positions), and its gradient is the block averaging of
+the pool-adjacent-violators solution, as in torchsort.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from kdforge.losses.reduction import row_count, row_selector, valid_rows
+from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_leading_shape, teacher_rows
+
+RankOn = Literal["logits", "probs"]
+
+
+def exact_topk_union(teacher_topk: Tensor, student_topk: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact per-row union of two top-k id lists.
+
+    Args:
+        teacher_topk: ``(n, k)`` int64, distinct ids per row.
+        student_topk: ``(n, k)`` int64, distinct ids per row.
+
+    Returns:
+        ``(ids, valid)``, both ``(n, 2k)``: the teacher's ids, then the student's; a student id
+        already among the teacher's is marked invalid, so each row's valid ids are its union.
+    """
+    duplicate = (student_topk.unsqueeze(-1) == teacher_topk.unsqueeze(-2)).any(-1)
+    ids = torch.cat([teacher_topk, student_topk], dim=-1)
+    valid = torch.cat([torch.ones_like(duplicate), ~duplicate], dim=-1)
+    return ids, valid
+
+
+def _suffix_max(values: Tensor) -> Tensor:
+    """``out[..., i] = max(values[..., i:])`` by log2(m) shifted maxima (much faster than cummax on CPU)."""
+    fill = torch.finfo(values.dtype).min
+    shift = 1
+    while shift < values.shape[-1]:
+        shifted = torch.nn.functional.pad(values[..., shift:], (0, shift), value=fill)
+        values = torch.maximum(values, shifted)
+        shift *= 2
+    return values
+
+
+def _isotonic_min_max(values: Tensor, lengths: Tensor) -> Tensor:
+    """The fit of :func:`isotonic_decreasing` by ``v_i = min_{j <= i} max_{k >= i} mean(y_j..y_k)``."""
+    n, m = values.shape
+    big = torch.finfo(values.dtype).max
+    prefix = torch.nn.functional.pad(values.cumsum(-1), (1, 0))
+    index = torch.arange(m, device=values.device)
+    start, end = index.view(m, 1), index.view(1, m)
+    span = (end - start + 1).clamp(min=1).to(values.dtype)
+    block_mean = (prefix[:, None, 1:] - prefix[:, :-1, None]) / span  # [row, j, k] = mean(y_j..y_k)
+    usable = (end >= start) & (end < lengths.view(n, 1, 1))
+    best_end = _suffix_max(block_mean.masked_fill(~usable, -big))  # [row, j, i] = max_{k >= i} mean(y_j..y_k)
+    return best_end.masked_fill(start > end, big).min(dim=-2).values  # only starts j <= i
+
+
+class _IsotonicDecreasing(torch.autograd.Function):
+    """Isotonic regression with the pool-adjacent-violators Jacobian.
+
+    The fit is piecewise constant over blocks of pooled entries, and within a block it is the mean
+    of the targets, so the gradient with respect to the targets is the block mean of the incoming
+    gradient: computed in O(m) per row from the runs of equal fitted values.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, lengths: Tensor) -> Tensor:
+        fitted = _isotonic_min_max(values, lengths)
+        ctx.save_for_backward(fitted)
+        return fitted
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (fitted,) = ctx.saved_tensors
+        starts_block = torch.ones_like(fitted, dtype=torch.bool)
+        starts_block[:, 1:] = fitted[:, 1:] != fitted[:, :-1]
+        block = starts_block.long().cumsum(-1) - 1
+        sums = torch.zeros_like(grad).scatter_add_(-1, block, grad)
+        sizes = torch.zeros_like(grad).scatter_add_(-1, block, torch.ones_like(grad))
+        return (sums / sizes.clamp(min=1)).gather(-1, block), None
+
+
+def isotonic_decreasing(values: Tensor, lengths: Tensor) -> Tensor:
+    """Least-squares non-increasing fit to each row's first ``lengths`` entries.
+
+    Solves ``min ||v - y||^2 s.t. v_1 >= v_2 >= ... >= v_len`` exactly by the min-max formula
+    ``v_i = min_{j <= i} max_{k >= i} mean(y_j..y_k)``; differentiable (block-mean Jacobian).
+
+    Args:
+        values: ``(n, m)`` the targets y.
+        lengths: ``(n,)`` int64, how many leading entries of each row take part (>= 1).
+
+    Returns:
+        ``(n, m)``; entries at or beyond a row's length are meaningless and must be masked.
+    """
+    return _IsotonicDecreasing.apply(values, lengths)
+
+
+def soft_rank(values: Tensor, regularization_strength: float = 1.0, valid: Tensor | None = None) -> Tensor:
+    """Ascending soft ranks, equal to ``torchsort.soft_rank(values, "l2", regularization_strength)``.
+
+    The ranks are the Euclidean projection of ``values / strength`` onto the permutahedron of
+    (1, ..., n_valid); as the strength goes to 0 they become the hard ranks (1 = smallest).
+
+    Args:
+        values: ``(n, m)`` scores.
+        regularization_strength: eps > 0.
+        valid: ``(n, m)`` bool; only valid entries are ranked (among themselves). None = all.
+
+    Returns:
+        ``(n, m)`` soft ranks; 0 at invalid entries.
+    """
+    if regularization_strength <= 0:
+        raise ValueError(f"regularization_strength must be > 0, got {regularization_strength}")
+    if valid is None:
+        valid = torch.ones_like(values, dtype=torch.bool)
+    theta = values / regularization_strength
+    order = theta.masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    sorted_valid = valid.gather(-1, order)
+    sorted_theta = theta.gather(-1, order).masked_fill(~sorted_valid, 0.0)
+    lengths = valid.sum(-1)
+    target_ranks = (lengths.unsqueeze(-1) - torch.arange(values.shape[-1], device=values.device)).to(theta.dtype)
+    dual = isotonic_decreasing(sorted_theta - target_ranks, lengths)
+    primal = torch.where(sorted_valid, sorted_theta - dual, torch.zeros_like(sorted_theta))
+    return torch.zeros_like(primal).scatter(-1, order, primal)
+
+
+def masked_pearson(first: Tensor, second: Tensor, valid: Tensor) -> Tensor:
+    """Pearson correlation per row over the valid entries: ``(n, m), (n, m), (n, m) -> (n,)``.
+
+    A row with no spread (all its valid entries tied) has correlation 0.
+    """
+    count = valid.sum(-1, keepdim=True).clamp(min=1).to(first.dtype)
+
+    def centred(x: Tensor) -> Tensor:
+        mean = (x * valid).sum(-1, keepdim=True) / count
+        return torch.where(valid, x - mean, torch.zeros_like(x))
+
+    a, b = centred(first), centred(second)
+    tiny = torch.finfo(first.dtype).tiny
+    norm = ((a * a).sum(-1) * (b * b).sum(-1)).clamp(min=tiny).sqrt()
+    return (a * b).sum(-1) / norm
+
+
+def teacher_topk(teacher: Teacher, k: int) -> Tensor:
+    """The teacher's k most probable ids, ordered by probability: ``(..., k)`` int64."""
+    if isinstance(teacher, TopKTeacher):
+        if teacher.k < k:
+            raise ValueError(f"the sparse teacher keeps {teacher.k} ids per position, fewer than k={k}")
+        best = teacher.logprobs.topk(k, dim=-1).indices
+        return teacher.indices.gather(-1, best)
+    return teacher.detach().topk(k, dim=-1).indices
+
+
+def topk_overlap(student_logits: Tensor, teacher: Teacher, k: int) -> Tensor:
+    """OR@k per position: ``|topk_T INTERSECT topk_S| / k``, shape ``(...)`` (no gradient)."""
+    student_top = student_logits.detach().topk(k, dim=-1).indices
+    shared = (student_top.unsqueeze(-1) == teacher_topk(teacher, k).unsqueeze(-2)).any(-1)
+    return shared.sum(-1).to(torch.float32) / k
+
+
+def _teacher_scores(teacher: Teacher, ids: Tensor, vocab_size: int, rank_on: RankOn) -> Tensor:
+    """Teacher scores at ``ids`` ``(n, m)``: logits (or log-probs, rank-equivalent) or probabilities.
+
+    A sparse teacher knows only its stored ids; every other id gets the tail's mean
+    log-probability ``log(tail / (V - K))``, below every stored one, all such ids tied.
+    """
+    if isinstance(teacher, TopKTeacher):
+        match = ids.unsqueeze(-1) == teacher.indices.unsqueeze(-2)
+        stored = (match * teacher.logprobs.unsqueeze(-2)).sum(-1)
+        unseen = vocab_size - teacher.k
+        tail = teacher.tail_logprob - torch.log(torch.tensor(float(max(unseen, 1))))
+        scores = torch.where(match.any(-1), stored, tail.unsqueeze(-1))
+        return scores.exp() if rank_on == "probs" else scores
+    if rank_on == "probs":
+        return torch.softmax(teacher.float(), dim=-1).gather(-1, ids)
+    return teacher.gather(-1, ids)
+
+
+def rlkd_ranking_loss(
+    student_logits: Tensor,
+    teacher_logits: Teacher,
+    mask: Tensor | None = None,
+    k: int = 5,
+    regularization_strength: float = 1.0,
+    rank_on: RankOn = "logits",
+) -> Tensor:
+    """RLKD's ranking loss ``1 - mean Spearman`` over each position's exact top-k union.
+
+    Args:
+        student_logits: ``(..., V)`` float32 or bf16 (the union's scores are ranked in float64).
+        teacher_logits: ``(..., V)`` dense, or a :class:`~kdforge.losses.sparse.TopKTeacher` of
+            at least k ids per position.
+        mask: ``(...)`` bool, True where the position counts.
+        k: top-k size per model (>= 2); the union has k to 2k ids.
+        regularization_strength: the soft rank's eps (torchsort's default 1.0, as the official code).
+        rank_on: rank raw ``"logits"`` (official code) or softmax ``"probs"`` (the paper's text).
+
+    Returns:
+        A scalar in [0, 2]; 0 with a gradient path when no position is valid.
+    """
+    if k < 2:
+        raise ValueError(f"k must be >= 2 for a rank correlation, got {k}")
+    if rank_on not in ("logits", "probs"):
+        raise ValueError(f"rank_on must be 'logits' or 'probs', got {rank_on!r}")
+    leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
+    if teacher_leading_shape(teacher_logits) != leading:
+        raise ValueError("teacher and student positions differ")
+    rows = valid_rows(leading, mask, student_logits.device)
+    student = student_logits.reshape(-1, vocab_size)[row_selector(rows)]
+    teacher = teacher_rows(teacher_logits, row_selector(rows))
+    ids, in_union = exact_topk_union(teacher_topk(teacher, k), student.detach().topk(k, dim=-1).indices)
+    if rank_on == "probs":
+        student = torch.softmax(student.to(torch.promote_types(student.dtype, torch.float32)), -1)
+    # Only (n, 2k) scores are ranked: float64 costs nothing here and keeps values / eps exact
+    # when eps is small (float32 would lose the ranks' fractions at values / eps ~ 1e5).
+    student_scores = student.gather(-1, ids).double()
+    teacher_scores = _teacher_scores(teacher, ids, vocab_size, rank_on).double()
+    rho = masked_pearson(
+        soft_rank(student_scores, regularization_strength, in_union),
+        soft_rank(teacher_scores, regularization_strength, in_union),
+        in_union,
+    )
+    return ((1.0 - rho).sum() / max(row_count(leading, rows), 1)).to(torch.promote_types(student_logits.dtype, torch.float32))
+
+
+def rlkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Teacher,
+    mask: Tensor | None = None,
+    *,
+    objective: Callable[..., Tensor],
+    rank_weight: float = 2.0,
+    k: int = 5,
+    dynamic: bool = False,
+    regularization_strength: float = 1.0,
+    rank_on: RankOn = "logits",
+    **objective_options,
+) -> Tensor:
+    """``L_base + rank_weight * L_rank``: any base objective plus the RLKD ranking term.
+
+    The paper's "+R" results use ``rank_weight = 2``. With ``dynamic=True`` (paper Eq. 2) each
+    position's base divergence is weighted by its OR@k, ``|topk_T INTERSECT topk_S| / k``.
+
+    Args:
+        student_logits, teacher_logits, mask: as for every loss in :mod:`kdforge.losses`.
+        objective: a base loss such as :func:`~kdforge.losses.forward_kl`.
+        rank_weight, k, regularization_strength, rank_on: the ranking term's settings.
+        **objective_options: passed to the base objective (``temperature``, ``beta``, ``tail``...).
+
+    Returns:
+        A scalar tensor.
+    """
+    if dynamic:
+        objective_options["position_weights"] = topk_overlap(student_logits, teacher_logits, k)
+    base = objective(student_logits, teacher_logits, mask, **objective_options)
+    if rank_weight == 0:
+        return base
+    rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on)
+    return base + rank_weight * rank

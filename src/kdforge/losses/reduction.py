@@ -1,0 +1,181 @@
+"""From per-position divergences to one scalar loss: masking, averaging and chunking.
+
+Every logit objective in kdforge is ``mean over valid positions of T**2 * w_t * D(q_t, p_t)``,
+where ``D`` is a per-position divergence (one small function each, in ``divergences.py``),
+``w_t`` an optional per-position weight (RLKD's dynamic weighting) and ``T`` the temperature.
+:func:`objective_loss` is the one place that does the masking, the averaging and the optional
+chunking over positions, so the divergences themselves stay one equation each.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from kdforge.losses.sparse import TailRule, Teacher, category_logprobs, teacher_leading_shape, teacher_rows
+
+
+#: Elements per chunk on the bounded-memory path: 16 MiB per float32 temporary, so a chunk's ~10
+#: temporaries stay well below half of any logits tensor worth chunking.
+CHUNK_ELEMENTS = 2**22
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk for a vocabulary of ``vocab_size``."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+class Divergence(Protocol):
+    def __call__(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        """``(n, C), (n, C) -> (n,)``: the divergence at each of n positions."""
+
+
+def valid_rows(leading_shape: torch.Size, mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """Flat indices ``(n_valid,)`` of the positions that count, or None when every position does.
+
+    None lets callers take views instead of copying full-vocabulary rows.
+    """
+    if mask is None:
+        return None
+    if mask.shape != leading_shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(leading_shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if bool(mask.all()):
+        return None
+    return mask.reshape(-1).nonzero().squeeze(-1).to(device)
+
+
+def row_selector(rows: Tensor | None, part: slice = slice(None)) -> Tensor | slice:
+    """Index of ``part`` of the valid rows: a slice (a view, no copy) when every row is valid."""
+    return part if rows is None else rows[part]
+
+
+def row_count(leading_shape: torch.Size, rows: Tensor | None) -> int:
+    return leading_shape.numel() if rows is None else rows.numel()
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` ``(...)`` over the True entries of ``mask`` ``(...)``.
+
+    Returns 0 (with a gradient path to ``values``) when no entry is valid, never NaN.
+    """
+    rows = valid_rows(values.shape, mask, values.device)
+    selected = values.reshape(-1)[row_selector(rows)]
+    return selected.sum() / max(row_count(values.shape, rows), 1)
+
+
+def _weighted_divergence_sum(
+    divergence: Divergence,
+    student_rows: Tensor,
+    teacher: Teacher,
+    weights: Tensor | None,
+    temperature: float,
+    tail: TailRule,
+) -> Tensor:
+    """``sum_t T**2 * w_t * D_t`` over the given rows (a scalar)."""
+    student_logp, teacher_logp = category_logprobs(student_rows, teacher, temperature, tail)
+    per_position = divergence(student_logp, teacher_logp)
+    if weights is not None:
+        per_position = per_position * weights.to(per_position.dtype)
+    return per_position.sum() * temperature**2
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """``_weighted_divergence_sum`` over row chunks, with the student's gradient built chunk by chunk.
+
+    Autograd would keep every chunk's softmax alive until backward, so chunking the forward alone
+    saves nothing. Instead each chunk's gradient is computed at once and written into one buffer the
+    size of the student logits; peak memory is that buffer plus one chunk's temporaries. The teacher
+    is treated as a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, student_flat, rows, chunk_size, compute_chunk: Callable[[Tensor, slice], Tensor]):
+        needs_grad = student_flat.requires_grad
+        gradient = torch.zeros_like(student_flat) if needs_grad else None
+        total = torch.zeros((), dtype=torch.promote_types(student_flat.dtype, torch.float32))
+        for start in range(0, row_count(student_flat.shape[:1], rows), chunk_size):
+            part = slice(start, start + chunk_size)
+            selector = row_selector(rows, part)
+            chunk = student_flat[selector].detach().requires_grad_(needs_grad)
+            with torch.enable_grad():
+                chunk_sum = compute_chunk(chunk, part)
+            if needs_grad:
+                (chunk_grad,) = torch.autograd.grad(chunk_sum, chunk)
+                gradient[selector] = chunk_grad
+            total += chunk_sum.detach()
+        # Held as a plain attribute, not saved_tensors: backward hands over the only reference, so
+        # autograd can adopt the buffer as the leaf's .grad instead of copying it.
+        ctx.gradient = gradient
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gradient, ctx.gradient = ctx.gradient, None
+        if gradient is None:
+            raise RuntimeError("the chunked loss path supports a single backward pass")
+        # In place: a second full-size tensor here would double the peak this path exists to bound.
+        return gradient.mul_(grad_output), None, None, None
+
+
+def objective_loss(
+    divergence: Divergence,
+    student_logits: Tensor,
+    teacher: Teacher,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    tail: TailRule = "bucket",
+    chunk_size: int | None = None,
+    position_weights: Tensor | None = None,
+) -> Tensor:
+    """Average ``T**2 * w_t * divergence`` over the valid positions.
+
+    Args:
+        divergence: per-position divergence ``(n, C), (n, C) -> (n,)`` on log-probabilities.
+        student_logits: ``(..., V)``, float32 or bf16 (computed in float32 or wider).
+        teacher: ``(..., V)`` dense logits, or a :class:`~kdforge.losses.sparse.TopKTeacher`
+            with leading shape ``(...)``.
+        mask: ``(...)`` bool, True where the position counts; None means all count.
+        temperature: softmax temperature T; the result is multiplied by T**2.
+        tail: missing-mass rule for a sparse teacher (see :mod:`kdforge.losses.sparse`).
+        chunk_size: if set, positions are processed this many at a time with the student's
+            gradient built per chunk (peak memory near one float32 logits tensor); the teacher
+            then receives no gradient.
+        position_weights: ``(...)`` optional per-position weights ``w_t``.
+
+    Returns:
+        A scalar: 0 with a gradient path when no position is valid, never NaN.
+    """
+    leading = student_logits.shape[:-1]
+    if teacher_leading_shape(teacher) != leading:
+        raise ValueError(
+            f"teacher positions {tuple(teacher_leading_shape(teacher))} do not match "
+            f"student positions {tuple(leading)}"
+        )
+    if torch.is_tensor(teacher) and teacher.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} "
+            "differ: a vocabulary mismatch must be resolved before distillation"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = valid_rows(leading, mask, student_logits.device)
+    weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
+    student_flat = student_logits.reshape(-1, student_logits.shape[-1])
+
+    def compute_chunk(student_rows: Tensor, part: slice) -> Tensor:
+        chunk_weights = None if weights is None else weights[part]
+        chunk_teacher = teacher_rows(teacher, row_selector(rows, part))
+        return _weighted_divergence_sum(divergence, student_rows, chunk_teacher, chunk_weights, temperature, tail)
+
+    if chunk_size is None:
+        total = compute_chunk(student_flat[row_selector(rows)], slice(None))
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        total = _ChunkedSum.apply(student_flat, rows, chunk_size, compute_chunk)
+    return total / max(row_count(leading, rows), 1)

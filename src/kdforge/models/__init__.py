@@ -1,0 +1,1 @@
+"""Real checkpoints as Hugging Face models: loading options, preparation and importers."""

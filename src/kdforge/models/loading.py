@@ -1,0 +1,54 @@
+"""Loading Hugging Face model directories with kdforge's options (``audio_ctx`` for Whisper).
+
+Whisper's encoder is built for 30 s windows (1500 positions after the stride-2 convolution).
+``audio_ctx = N`` keeps the first N positions (N * 20 ms of audio): the position table is sliced,
+``max_source_positions`` set to N, and the feature extractor pads or trims to 2 N mel frames, so
+short utterances cost a fraction of the full window. The result saves and reloads as a plain
+Whisper directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+from kdforge.errors import KdforgeError
+
+
+def apply_audio_ctx(model: WhisperForConditionalGeneration, processor: WhisperProcessor | None, audio_ctx: int) -> None:
+    """Shrink ``model`` (in place) and ``processor`` to ``audio_ctx`` encoder positions."""
+    encoder = model.get_encoder()
+    available = encoder.embed_positions.num_embeddings
+    if not 1 <= audio_ctx <= available:
+        raise KdforgeError(f"audio_ctx must lie in 1..{available} for this model, got {audio_ctx}")
+    if audio_ctx != available:
+        kept = encoder.embed_positions.weight.detach()[:audio_ctx].clone()
+        encoder.embed_positions = torch.nn.Embedding.from_pretrained(kept, freeze=True)
+    encoder.max_source_positions = audio_ctx
+    model.config.max_source_positions = audio_ctx
+    if processor is not None:
+        extractor = processor.feature_extractor
+        frames = 2 * audio_ctx  # the encoder's two convolutions halve the mel frame rate once
+        extractor.nb_max_frames = frames
+        extractor.n_samples = frames * extractor.hop_length
+        extractor.chunk_length = extractor.n_samples / extractor.sampling_rate
+
+
+def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Load a Whisper model directory and its processor, optionally cut to ``audio_ctx`` positions.
+
+    Raises:
+        KdforgeError: the directory is missing or holds no loadable Whisper model.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    processor = WhisperProcessor.from_pretrained(model_dir)
+    if audio_ctx is not None:
+        apply_audio_ctx(model, processor, audio_ctx)
+    model.eval()
+    return model, processor

@@ -1,0 +1,1 @@
+"""Building students: layers kept from a teacher, LoRA adapters, export."""

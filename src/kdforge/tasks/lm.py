@@ -1,0 +1,178 @@
+"""The causal-LM recipe: records -> token batches with exact target masks; models; evaluation.
+
+Alignment (the official RLKD code is off by one here): the logits at position t predict token
+t + 1, so a batch carries ``inputs (B, L)``, ``targets = inputs[:, 1:]`` and ``target_mask (B, L-1)``
+True where ``targets[:, t]`` is a real token that counts (a response token for instruction data,
+any token but padding for plain text); the student's logits are cut to ``[:, :-1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from kdforge.data.lm import Record
+from kdforge.errors import KdforgeError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised record: ``ids`` and, per token, whether it is a target the loss sees."""
+
+    ids: list[int]
+    is_target: list[bool]
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, query: str) -> str:
+    """The text a model sees before its response: the chat template where the tokenizer has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{query}\n"
+
+
+def encode_record(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
+    """Tokenise a text or instruction record, ending with eos, cut to ``max_length`` tokens."""
+    if "text" in record:
+        ids = tokenizer(record["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        is_target = [False] + [True] * (len(ids) - 1)  # the first token has no prediction
+    else:
+        prompt = tokenizer(prompt_text(tokenizer, record["query"]), add_special_tokens=False).input_ids
+        response = tokenizer(record["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = prompt + response
+        is_target = [False] * len(prompt) + [True] * len(response)
+    return Example(ids[:max_length], is_target[:max_length])
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded batch: ``inputs``, ``attention_mask`` ``(B, L)``; ``targets``, ``target_mask`` ``(B, L-1)``."""
+    length = max(len(e.ids) for e in examples)
+    inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.bool)
+    target = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        inputs[row, : len(example.ids)] = torch.tensor(example.ids)
+        attention[row, : len(example.ids)] = True
+        target[row, : len(example.ids)] = torch.tensor(example.is_target)
+    return {"inputs": inputs, "attention_mask": attention, "targets": inputs[:, 1:], "target_mask": target[:, 1:]}
+
+
+def load_causal_lm(model_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local directory (never remote code)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
+                          student_vocab: int, teacher_vocab: int, teacher_name: str) -> None:
+    """Refuse a teacher whose vocabulary differs from the student's, naming sizes or the first differing token."""
+    if student_vocab != teacher_vocab:
+        raise KdforgeError(f"vocabulary mismatch: student has {student_vocab} logits, teacher {teacher_name} "
+                           f"has {teacher_vocab}; distillation needs the same tokenizer")
+    student_map, teacher_map = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if student_map != teacher_map:
+        by_id = {i: t for t, i in teacher_map.items()}
+        first = next((t for t, i in sorted(student_map.items(), key=lambda kv: kv[1]) if by_id.get(i) != t), None)
+        raise KdforgeError(f"tokenizer mismatch with teacher {teacher_name}: student token {first!r} "
+                           f"has id {student_map.get(first)}, the teacher's is {by_id.get(student_map.get(first))!r}")
+
+
+def next_token_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """``(B, L-1, V)`` logits aligned with ``batch['targets']``."""
+    return model(input_ids=batch["inputs"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str],
+                     max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of the prompts, batched (left padding) with the KV cache."""
+    model.eval()
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for start in range(0, len(queries), batch_size):
+            prompts = [prompt_text(tokenizer, q) for q in queries[start : start + batch_size]]
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers += tokenizer.batch_decode(output[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = previous_side
+    return answers
+
+
+class LMTask:
+    """Everything the loop needs for causal-LM distillation: models, data, loss, evaluation, export."""
+
+    def __init__(self, config, work_dir: Path):
+        from kdforge.data.lm import load_records
+        from kdforge.student.init import init_causal_lm_student
+        from kdforge.student.lora import add_lora
+
+        self.config = config
+        student_dir = config.student.path
+        if student_dir is None:
+            student_dir = work_dir / "student-init"
+            if not (student_dir / "config.json").exists():
+                init_causal_lm_student(config.student.init_from, student_dir, config.student.layers,
+                                       config.student.num_layers)
+        self.student, self.tokenizer = load_causal_lm(student_dir)
+        self.teachers = []
+        for teacher_config in config.teachers:
+            teacher, teacher_tokenizer = load_causal_lm(teacher_config.path)
+            check_same_vocabulary(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size,
+                                  teacher.config.vocab_size, str(teacher_config.path))
+            self.teachers.append(teacher.eval().requires_grad_(False))
+        self.teacher_weights = [t.weight for t in config.teachers]
+        if config.student.lora is not None:
+            self.student = add_lora(self.student, config.student.lora)
+        max_length = config.data.max_length
+        self.train_examples = [encode_record(r, self.tokenizer, max_length) for r in load_records(config.data.train)]
+        self.eval_records = load_records(config.data.eval) if config.data.eval else []
+        self.eval_examples = [encode_record(r, self.tokenizer, max_length) for r in self.eval_records]
+        if not self.train_examples:
+            raise KdforgeError(f"{config.data.train} holds no training records")
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def teacher_logprobs(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The ensemble teacher's ``(B, L-1, V)`` log-probabilities (None without teachers)."""
+        from kdforge.teachers.ensemble import ensemble_logprobs
+
+        if not self.teachers:
+            return None
+        return ensemble_logprobs([next_token_logits(t, batch) for t in self.teachers], self.teacher_weights)
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        from kdforge.training.objective import token_loss_terms
+
+        student_logits = next_token_logits(self.student, batch)
+        return token_loss_terms(student_logits, self.teacher_logprobs(batch), batch["targets"],
+                                batch["target_mask"], self.config.objective)
+
+    def export(self, out_dir: Path, model: torch.nn.Module) -> None:
+        """A plain Hugging Face causal-LM directory with the tokenizer."""
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity and, with a teacher, CR@1..5 and MOR@3/5/10/20 in percent."""
+        from kdforge.evaluation.lm import agreement_metrics
+
+        if not self.eval_examples:
+            return {}
+        teacher = self.teacher_logprobs if self.teachers else None
+        return agreement_metrics(self.student, teacher, self.eval_examples, self.tokenizer.pad_token_id)

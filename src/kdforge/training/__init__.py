@@ -1,0 +1,1 @@
+"""The training loop, its objective composition and its checkpoints."""

@@ -1,0 +1,29 @@
+"""Training curves: every logged loss term and evaluation metric against the step, as one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Left: the loss terms of every step; right: each evaluation metric where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, evaluations) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [entry["step"] for entry in history]
+    for name in [key for key in history[0] if key not in ("step", "lr", "eval")] if history else []:
+        losses.plot(steps, [entry.get(name) for entry in history], label=name)
+    losses.set(xlabel="step", ylabel="loss", title="training loss terms")
+    measured = [entry for entry in history if entry.get("eval")]
+    for name in measured[0]["eval"] if measured else []:
+        evaluations.plot([e["step"] for e in measured], [e["eval"][name] for e in measured], marker="o", label=name)
+    evaluations.set(xlabel="step", title="evaluation")
+    for axis in (losses, evaluations):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,143 @@
+"""The distillation loop, top to bottom: data order, micro-batches, the weighted terms, checkpoints.
+
+One step: take the step's global batch (a pure function of seed and step, so a resumed run sees
+the same data), split it into ``grad_accum`` micro-batches, weight each micro-batch's mean loss by
+its share of the batch's target tokens (so accumulation never changes the loss scale), step the
+optimizer, log, evaluate and checkpoint now and then. The student is exported at the end, with
+``curves.png`` (loss terms and evaluations against the step) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kdforge.config import RunConfig
+from kdforge.errors import KdforgeError
+from kdforge.student.lora import exportable
+from kdforge.training.curves import plot_history
+from kdforge.training.checkpoint import (claim_run_folder, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                         write_json_atomic)
+
+
+def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
+    """The global batch of ``step``: consecutive slices of a per-epoch seeded permutation."""
+    indices = []
+    position = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, dataset_size)
+        order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(indices), dataset_size - offset)
+        indices += order[offset : offset + take].tolist()
+        position += take
+    return indices
+
+
+def learning_rate_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def accumulate_gradients(task, micro_batches: list[dict], out_dir: Path, step: int) -> dict[str, float]:
+    """Backpropagate the global batch's loss through its micro-batches; return the logged terms.
+
+    Each micro-batch's loss is a mean over its own target tokens; weighting it by its share of the
+    batch's target tokens makes the sum the mean over the whole batch, whatever the split.
+    """
+    batch_tokens = sum(int(b["target_mask"].sum()) for b in micro_batches)
+    logged: dict[str, float] = {}
+    for micro in micro_batches:
+        share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
+        loss, terms = task.loss(micro)
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(out_dir)
+            kept = f"last good checkpoint: {last.name}" if last else "no checkpoint was written yet"
+            raise KdforgeError(f"the loss became {loss.item()} at step {step + 1}; stopped ({kept})")
+        (loss * share).backward()
+        for name, value in {"loss": loss, **terms}.items():
+            logged[name] = logged.get(name, 0.0) + float(value.detach()) * share
+    return logged
+
+
+def build_task(config: RunConfig, out_dir: Path):
+    """The recipe object for ``config.task`` (models, data, loss, evaluation, export)."""
+    if config.task == "asr":
+        from kdforge.tasks.asr import WhisperTask
+
+        return WhisperTask(config, out_dir)
+    from kdforge.tasks.lm import LMTask
+
+    return LMTask(config, out_dir)
+
+
+def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train (or resume) the run described by ``config`` into ``out_dir``; returns the final metrics.
+
+    Raises:
+        KdforgeError: the folder holds a finished or different run, bad data or models, or the
+            loss stopped being finite (the last good checkpoint is kept).
+    """
+    out_dir = Path(out_dir)
+    claim_run_folder(out_dir, config, resume)
+    settings = config.training
+    torch.manual_seed(settings.seed)
+    task = build_task(config, out_dir)
+    model = task.student
+    model.train()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
+    start = 0
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    history_path = out_dir / "history.jsonl"
+    history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
+    history = [entry for entry in history if entry["step"] <= start]  # drop what the crash outran
+    history_path.write_text("".join(json.dumps(e) + "\n" for e in history))
+
+    started = time.perf_counter()
+    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not show_progress) as progress:
+        bar = progress.add_task("train", total=settings.steps, completed=start, status="")
+        for step in range(start, settings.steps):
+            indices = batch_indices(step, len(task.train_examples), settings.batch_size, settings.seed)
+            micro_size = settings.batch_size // settings.grad_accum
+            micro_batches = [task.batch(indices[i : i + micro_size]) for i in range(0, len(indices), micro_size)]
+            optimizer.zero_grad(set_to_none=True)
+            step_terms = accumulate_gradients(task, micro_batches, out_dir, step)
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            entry = {"step": done, "lr": scheduler.get_last_lr()[0], **step_terms}
+            if done % settings.eval_every == 0 or done == settings.steps:
+                entry["eval"] = task.evaluate()
+            history.append(entry)
+            with history_path.open("a") as log:
+                log.write(json.dumps(entry) + "\n")
+            if done % settings.checkpoint_every == 0 and done != settings.steps:
+                save_checkpoint(out_dir, done, trainable, optimizer, scheduler, settings.keep_checkpoints)
+            progress.update(bar, advance=1, status=f"loss {step_terms['loss']:.4f}")
+
+    student_dir = out_dir / "student"
+    lora = config.student.lora
+    task.export(student_dir, exportable(model, merge=lora is None or lora.merge_on_export))
+    evaluations = [e["eval"] for e in history if "eval" in e]
+    result = {"steps": settings.steps, "train_seconds": time.perf_counter() - started,
+              "final_loss": history[-1]["loss"] if history else None,
+              "eval": evaluations[-1] if evaluations else {}}
+    plot_history(history, out_dir / "curves.png")
+    write_json_atomic(out_dir / "result.json", result)
+    return result

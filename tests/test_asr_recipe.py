@@ -1,0 +1,72 @@
+"""The Whisper recipe on a tiny random Whisper: alignment, learning, audio_ctx export, SpecAugment."""
+
+import pytest
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+from kdforge.config import SpecAugmentConfig, parse_config
+from kdforge.data.augment import spec_augment
+from kdforge.tasks.asr import WhisperTask
+from kdforge.training.loop import train
+
+
+def asr_config(model_dir, data_dir, **training):
+    return parse_config({
+        "task": "asr",
+        "student": {"path": str(model_dir)},
+        "data": {"train": str(data_dir), "eval": str(data_dir)},
+        "objective": {"name": "none", "ce_weight": 1.0},
+        "audio": {"audio_ctx": 50, "spec_augment": {"time_masks": 1, "time_width": 5, "freq_masks": 1, "freq_width": 4}},
+        "training": {"steps": 40, "batch_size": 4, "lr": 3e-2, "eval_every": 40, "checkpoint_every": 100, **training},
+    })
+
+
+def test_targets_are_the_text_tokens_after_the_prompt(tiny_whisper, speech, tmp_path):
+    task = WhisperTask(asr_config(tiny_whisper, speech), tmp_path)
+    batch = task.batch([0, 1])
+    tokenizer = task.tokenizer
+    first = task.train_examples[0]
+    assert first[:2] == tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    assert batch["inputs"][0, 0].item() == first[0]
+    text_and_eos = batch["targets"][0][batch["target_mask"][0]].tolist()
+    assert text_and_eos == first[2:] and text_and_eos[-1] == tokenizer.eos_token_id
+    from kdforge.data.audio import read_metadata
+
+    assert tokenizer.decode(text_and_eos[:-1]) == " " + read_metadata(speech)[0].transcription
+    assert batch["features"].shape == (2, 80, 100)  # audio_ctx 50 -> 1 s -> 100 mel frames
+
+
+def test_training_lowers_the_loss_and_exports_the_short_window(tiny_whisper, speech, tmp_path):
+    config = asr_config(tiny_whisper, speech)
+    task = WhisperTask(config, tmp_path / "probe")
+    task.student.eval()
+    with torch.no_grad():
+        before = task.loss(task.batch(list(range(len(task.train_examples)))))[0].item()
+    result = train(config, tmp_path / "run", show_progress=False)
+    student = WhisperForConditionalGeneration.from_pretrained(tmp_path / "run" / "student")
+    processor = WhisperProcessor.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.max_source_positions == 50 and student.model.encoder.embed_positions.num_embeddings == 50
+    assert processor.feature_extractor.n_samples == 16_000
+    trained = WhisperTask(asr_config(tmp_path / "run" / "student", speech), tmp_path / "probe2")
+    trained.student.eval()
+    with torch.no_grad():
+        after = trained.loss(trained.batch(list(range(len(trained.train_examples)))))[0].item()
+    assert after < 0.7 * before
+    assert set(result["eval"]) == {"wer", "cer"}
+
+
+def test_spec_augment_masks_bands_with_the_utterance_mean():
+    torch.manual_seed(0)
+    features = torch.randn(3, 80, 200)
+    settings = SpecAugmentConfig(time_masks=1, time_width=30, freq_masks=1, freq_width=10)
+    torch.manual_seed(1)
+    masked = spec_augment(features, settings)
+    torch.manual_seed(1)
+    assert torch.equal(masked, spec_augment(features, settings))  # the torch RNG decides: resumable
+    for row in range(3):
+        changed = masked[row] != features[row]
+        assert torch.allclose(masked[row][changed], features[row].mean().expand(int(changed.sum())))
+        full_bins, full_frames = changed.all(1), changed.all(0)
+        assert full_bins.sum() <= 10 and full_frames.sum() <= 30
+        assert torch.equal(changed, full_bins[:, None] | full_frames[None, :])  # only whole bands change
+    assert not torch.equal(masked, features)

@@ -1,0 +1,55 @@
+"""The command line's error contract and the loss benchmark's measurements."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdforge.benchmarks import losses as loss_benchmark
+
+
+def run_kdforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdforge", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    done = run_kdforge("demo", "--out", str(tmp_path / "demo"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdforge: error: the demo is not built yet")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    done = run_kdforge("--debug", "demo", "--out", str(tmp_path / "demo"))
+    assert done.returncode != 0 and "Traceback" in done.stderr and "KdforgeError" in done.stderr
+
+
+def test_chunked_path_bounds_the_memory_the_dense_path_spends():
+    dense = loss_benchmark.run_case("kl", 1024, 32_000, chunked=False, repeats=1)
+    chunked = loss_benchmark.run_case("kl", 1024, 32_000, chunked=True, repeats=1)
+    logits_mb = 1024 * 32_000 * 4 / 2**20
+    assert dense["peak_mb"] > 4 * logits_mb  # the plain path holds several full-vocabulary tensors
+    assert chunked["peak_mb"] < 2 * logits_mb  # gradient buffer + one chunk's temporaries
+    assert chunked["seconds"] > 0 and dense["seconds"] > 0
+
+
+def test_summary_reads_the_targets_off_the_rows():
+    def row(objective, vocab, chunked, seconds, peak):
+        return dict(objective=objective, positions=10, vocab=vocab, chunked=chunked, seconds=seconds,
+                    peak_mb=peak, logits_mb=100.0)
+    rows = [row("kl", 32_000, False, 2.0, 900), row("kl", 32_000, True, 0.5, 130), row("rank", 32_000, False, 1.0, 200),
+            row("kl", 128_000, False, 3.0, 800), row("kl", 128_000, True, 3.0, 140)]
+    summary = loss_benchmark.summarise(rows)
+    assert summary["chunked_peak_mb"] == 140 and summary["naive_peak_mb"] == 800
+    assert summary["chunked_peak_target_met"] and summary["rank_cost_target_met"]
+    assert summary["rank_cost_pct_of_kl"] == pytest.approx(50.0)
+    assert summary["rank_cost_pct_of_chunked_kl"] == pytest.approx(200.0)
+    rows[-1]["peak_mb"] = 160
+    assert not loss_benchmark.summarise(rows)["chunked_peak_target_met"]
+    report = {"command": "kdforge bench losses", "machine": {"cores": 2, "cpu": "x", "gpu": None, "torch": "2"},
+              "rows": rows, "summary": loss_benchmark.summarise(rows)}
+    markdown = loss_benchmark.to_markdown(report)
+    assert "| kl | 10 | 128,000 | chunked | 3.000 | 160 | 1.60 |" in markdown and "NOT met" in markdown
+    json.dumps(report)

@@ -1,0 +1,225 @@
+"""The causal-LM recipe on tiny models: alignment, accumulation, resume, errors, students, LoRA."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdforge.config import parse_config
+from kdforge.data import arithmetic
+from kdforge.data.lm import read_jsonl
+from kdforge.errors import KdforgeError
+from kdforge.models.tiny import build_tiny_lm, train_tokenizer
+from kdforge.student.init import init_causal_lm_student, maximally_spaced
+from kdforge.tasks.lm import collate, encode_record
+from kdforge.teachers.ensemble import ensemble_logprobs
+from kdforge.training.loop import batch_indices, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tokenizer, a tiny teacher and a data file, built once for this module."""
+    root = tmp_path_factory.mktemp("tiny-lm")
+    problems = arithmetic.generate(40, seed=3)
+    tokenizer = train_tokenizer([p.question + "\n" + p.solution for p in arithmetic.generate(300, seed=2)],
+                                vocab_size=300)
+    teacher = build_tiny_lm(root / "teacher", "student", tokenizer, seed=1)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": p.question, "response": p.solution}) + "\n" for p in problems))
+    return {"root": root, "tokenizer": tokenizer, "teacher": teacher, "data": data}
+
+
+def config_for(tiny, **training):
+    return parse_config({
+        "task": "lm",
+        "teachers": [{"path": str(tiny["teacher"])}],
+        "student": {"init_from": str(tiny["teacher"]), "layers": [0, 3]},
+        "data": {"train": str(tiny["data"]), "max_length": 64},
+        "objective": {"name": "kl", "ce_weight": 0.5, "rlkd": {"k": 4}},
+        "training": {"steps": 4, "batch_size": 8, "lr": 3e-3, "eval_every": 100, "checkpoint_every": 2, **training},
+    })
+
+
+def student_weights(run_dir):
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def test_instruction_targets_are_the_response_tokens_shifted_by_one(tiny):
+    tokenizer = tiny["tokenizer"]
+    example = encode_record({"query": "how many", "response": "2 + 3 = 5\n#### 5"}, tokenizer, 64)
+    prompt = tokenizer("how many\n", add_special_tokens=False).input_ids
+    response = tokenizer("2 + 3 = 5\n#### 5", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert example.ids == prompt + response
+    batch = collate([example, encode_record({"text": "a b"}, tokenizer, 64)], tokenizer.pad_token_id)
+    targets, mask = batch["targets"][0], batch["target_mask"][0]
+    # logits at position t predict token t + 1: exactly the response tokens (and eos) are targets
+    assert targets[mask].tolist() == response
+    assert mask.sum() == len(response) and not mask[: len(prompt) - 1].any()
+    assert not batch["target_mask"][1, len(encode_record({"text": "a b"}, tokenizer, 64).ids) - 1 :].any()
+
+
+def test_cross_entropy_equals_a_hand_computed_sum(tiny, tmp_path):
+    from kdforge.tasks.lm import LMTask
+
+    config = config_for(tiny).model_copy(update={"teachers": []})
+    config.objective = config.objective.model_copy(update={"name": "none", "ce_weight": 1.0, "rlkd": None})
+    task = LMTask(config, tmp_path)
+    batch = task.batch([0, 1, 2])
+    loss, terms = task.loss(batch)
+    logits = task.student(input_ids=batch["inputs"], attention_mask=batch["attention_mask"]).logits
+    nll, count = 0.0, 0
+    for row in range(3):
+        example = task.train_examples[row]
+        for t in range(len(example.ids) - 1):
+            if example.is_target[t + 1]:
+                nll -= torch.log_softmax(logits[row, t], -1)[example.ids[t + 1]].item()
+                count += 1
+    assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
+    seen = [i for step in range(5) for i in batch_indices(step, 10, 2, seed=7)]
+    assert sorted(seen) == list(range(10))
+    assert batch_indices(3, 10, 4, seed=7) == batch_indices(3, 10, 4, seed=7) != batch_indices(3, 10, 4, seed=8)
+
+
+def test_gradient_accumulation_keeps_the_loss_scale(tiny, tmp_path):
+    from kdforge.tasks.lm import LMTask
+    from kdforge.training.loop import accumulate_gradients
+
+    task = LMTask(config_for(tiny), tmp_path)
+    indices = list(range(8))  # sequences of different lengths: a mean of micro-batch means would be wrong
+    gradients, logged = [], []
+    for parts in (1, 4):
+        task.student.zero_grad()
+        size = 8 // parts
+        micro = [task.batch(indices[i : i + size]) for i in range(0, 8, size)]
+        assert len({int(b["target_mask"].sum()) for b in micro}) > 1 or parts == 1
+        logged.append(accumulate_gradients(task, micro, tmp_path, 0))
+        gradients.append(torch.cat([p.grad.flatten() for p in task.student.parameters()]))
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)
+    assert logged[0]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-5)
+    one = train(config_for(tiny, grad_accum=1), tmp_path / "one", show_progress=False)
+    four = train(config_for(tiny, grad_accum=4), tmp_path / "four", show_progress=False)
+    a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "four")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert one["final_loss"] == pytest.approx(four["final_loss"], rel=1e-4)
+
+
+def test_resume_after_a_crash_is_bit_identical(tiny, tmp_path, monkeypatch):
+    train(config_for(tiny), tmp_path / "straight", show_progress=False)
+    import kdforge.tasks.lm as lm
+
+    original = lm.LMTask.loss
+    calls = {"n": 0}
+
+    def crash_in_step_four(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("killed")
+        return original(self, batch)
+
+    monkeypatch.setattr(lm.LMTask, "loss", crash_in_step_four)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config_for(tiny), tmp_path / "crashed", show_progress=False)
+    monkeypatch.setattr(lm.LMTask, "loss", original)
+    assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-0000002"]
+    with pytest.raises(KdforgeError, match="pass --resume"):
+        train(config_for(tiny), tmp_path / "crashed", show_progress=False)
+    train(config_for(tiny), tmp_path / "crashed", resume=True, show_progress=False)
+    a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_finished_run_is_never_overwritten(tiny, tmp_path):
+    train(config_for(tiny, steps=1), tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(KdforgeError, match="already holds a finished run"):
+        train(config_for(tiny, steps=1), tmp_path / "run", show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_non_finite_loss_stops_and_names_the_step(tiny, tmp_path, monkeypatch):
+    import kdforge.tasks.lm as lm
+
+    original = lm.LMTask.loss
+
+    def nan_at_step_three(self, batch):
+        loss, terms = original(self, batch)
+        nan_at_step_three.calls += 1
+        return (loss * float("nan") if nan_at_step_three.calls == 3 else loss), terms
+
+    nan_at_step_three.calls = 0
+    monkeypatch.setattr(lm.LMTask, "loss", nan_at_step_three)
+    with pytest.raises(KdforgeError, match=r"the loss became nan at step 3; stopped \(last good checkpoint: step-0000002\)"):
+        train(config_for(tiny), tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").exists()
+
+
+def test_vocabulary_mismatch_names_both_sizes(tiny, tmp_path):
+    other = train_tokenizer(["completely different text here"] * 20, vocab_size=280)
+    other_teacher = build_tiny_lm(tmp_path / "other", "student", other)
+    config = config_for(tiny)
+    config.teachers = [config.teachers[0].model_copy(update={"path": other_teacher})]
+    with pytest.raises(KdforgeError, match=r"student has \d+ logits, teacher .* has \d+"):
+        train(config, tmp_path / "run", show_progress=False)
+
+
+def test_student_keeps_the_chosen_teacher_layers(tiny, tmp_path):
+    init_causal_lm_student(tiny["teacher"], tmp_path / "student", layers=[0, 2, 3])
+    teacher, student = load_file(tiny["teacher"] / "model.safetensors"), load_file(tmp_path / "student" / "model.safetensors")
+    for new, old in enumerate([0, 2, 3]):
+        assert torch.equal(student[f"model.layers.{new}.mlp.up_proj.weight"], teacher[f"model.layers.{old}.mlp.up_proj.weight"])
+    assert "model.layers.3.mlp.up_proj.weight" not in student
+    assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    assert maximally_spaced(30, 6) == [0, 6, 12, 17, 23, 29]
+    with pytest.raises(KdforgeError, match="lacks layer 9"):
+        init_causal_lm_student(tiny["teacher"], tmp_path / "bad", layers=[0, 9])
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_model(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    raw = config_for(tiny, steps=2).model_dump(mode="json")
+    raw["student"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    config = parse_config(raw)
+    train(config, tmp_path / "run", show_progress=False)
+    exported = load_file(tmp_path / "run" / "student" / "model.safetensors")
+    assert not any("lora" in key for key in exported)
+    initial = load_file(tmp_path / "run" / "student-init" / "model.safetensors")
+    changed = [k for k in initial if not torch.equal(initial[k], exported[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only adapted layers moved
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")  # a plain HF directory
+    assert sum(p.numel() for p in plain.parameters()) == sum(v.numel() for k, v in initial.items())
+
+
+def test_ensemble_is_the_weighted_mean_of_probabilities():
+    a, b = torch.randn(3, 7), torch.randn(3, 7)
+    mixed = ensemble_logprobs([a, b], [3.0, 1.0]).exp()
+    torch.testing.assert_close(mixed, 0.75 * a.softmax(-1) + 0.25 * b.softmax(-1))
+
+
+def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(KdforgeError, match=r"data.jsonl:2: not JSON"):
+        read_jsonl(path)
+
+
+def test_evaluation_reports_perplexity_and_full_agreement_with_itself(tiny, tmp_path):
+    from kdforge.tasks.lm import LMTask
+
+    raw = config_for(tiny).model_dump(mode="json")
+    raw["student"] = {"path": str(tiny["teacher"])}  # the student is the teacher: agreement must be total
+    raw["data"]["eval"] = str(tiny["data"])
+    raw["objective"] = {"name": "kl", "ce_weight": 1.0}
+    task = LMTask(parse_config(raw), tmp_path)
+    metrics = task.evaluate()
+    assert metrics["cr@5"] == 100.0 and metrics["mor@20"] == 100.0
+    everything = collate(task.eval_examples, task.tokenizer.pad_token_id)
+    _, terms = task.loss(everything)
+    assert metrics["ppl"] == pytest.approx(float(terms["ce"].detach().exp()), rel=1e-4)

@@ -1,0 +1,152 @@
+"""RLKD: exact unions, the soft rank (against torchsort and a PAV loop) and the ranking loss."""
+
+import numpy as np
+import pytest
+import torch
+import torchsort
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from kdforge.losses import TopKTeacher, exact_topk_union, forward_kl, rlkd_loss, rlkd_ranking_loss, soft_rank, topk_overlap
+from kdforge.losses.ranking import isotonic_decreasing
+
+import reference
+from reference import random_logits
+
+
+@pytest.mark.parametrize("strength", [1e-3, 0.1, 1.0, 5.0])
+def test_soft_rank_equals_torchsort(strength):
+    values = random_logits(64, 10, seed=1, dtype=torch.float64).requires_grad_()
+    ours = soft_rank(values, strength)
+    theirs = torchsort.soft_rank(values, regularization="l2", regularization_strength=strength)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    direction = random_logits(64, 10, seed=2, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad((ours * direction).sum(), values)
+    (g_theirs,) = torch.autograd.grad((theirs * direction).sum(), values)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_soft_rank_of_a_valid_subset_ranks_it_alone():
+    values = random_logits(40, 9, seed=3, dtype=torch.float64)
+    valid = torch.rand(40, 9, generator=torch.Generator().manual_seed(4)) > 0.4
+    valid[:, 0] = True
+    ours = soft_rank(values, 0.7, valid)
+    for row in range(40):
+        expected = reference.soft_rank(values[row][valid[row]].numpy(), 0.7)
+        np.testing.assert_allclose(ours[row][valid[row]].numpy(), expected, rtol=1e-10, atol=1e-10)
+        assert torch.all(ours[row][~valid[row]] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=12), st.integers(1, 12))
+def test_isotonic_matches_pool_adjacent_violators(values, length):
+    length = min(length, len(values))
+    got = isotonic_decreasing(torch.tensor([values], dtype=torch.float64), torch.tensor([length]))
+    np.testing.assert_allclose(got[0, :length].numpy(), reference.pav_decreasing(values[:length]), rtol=1e-9, atol=1e-9)
+
+
+def test_union_is_exact_per_row():
+    teacher_top = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    student_top = torch.tensor([[3, 2, 1], [6, 10, 11], [12, 13, 14]])
+    ids, valid = exact_topk_union(teacher_top, student_top)
+    for row in range(3):
+        want = reference.union(teacher_top[row].tolist(), student_top[row].tolist())
+        assert ids[row][valid[row]].tolist() == want
+    assert valid.sum(-1).tolist() == [3, 5, 6]
+    # The official code's shortcut, torch.unique(dim=-1) over the concatenated batch, dedupes
+    # whole columns, so rows keep duplicates and all have length 2k: not a per-row union.
+    shortcut = torch.unique(torch.cat([teacher_top, student_top], -1), dim=-1)
+    assert shortcut.shape[-1] == 6 and len(set(shortcut[0].tolist())) == 3
+
+
+@pytest.mark.parametrize("rank_on", ["logits", "probs"])
+@pytest.mark.parametrize("k,strength", [(2, 1.0), (5, 1.0), (5, 0.01), (8, 3.0)])
+def test_ranking_loss_matches_unbatched_reference(rank_on, k, strength):
+    student, teacher = random_logits(3, 6, 30, seed=5), random_logits(3, 6, 30, seed=6)
+    student[0, 0] = teacher[0, 0] + 0.3 * student[0, 0]  # some positions share top-k members
+    mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(7)) > 0.3
+    got = rlkd_ranking_loss(student, teacher, mask, k=k, regularization_strength=strength, rank_on=rank_on)
+    want = reference.rlkd_ranking(student, teacher, mask, k=k, eps=strength, rank_on=rank_on)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), transform=st.sampled_from(["affine", "cube", "exp"]))
+def test_invariant_to_increasing_transforms_when_regularisation_is_small(seed, transform):
+    student = random_logits(4, 16, seed=seed, dtype=torch.float64)
+    teacher = random_logits(4, 16, seed=seed + 1, dtype=torch.float64)
+    f = {"affine": lambda x: 3 * x - 7, "cube": lambda x: x**3 + x, "exp": lambda x: torch.exp(x / 3)}[transform]
+    for logits in (student, teacher, f(student), f(teacher)):
+        gaps = logits.sort(-1).values.diff(dim=-1)
+        assume(gaps.min() > 1e-3)
+    plain = rlkd_ranking_loss(student, teacher, k=5, regularization_strength=1e-6)
+    moved = rlkd_ranking_loss(f(student), f(teacher), k=5, regularization_strength=1e-6)
+    assert moved.item() == pytest.approx(plain.item(), abs=1e-7)
+
+
+def test_gradcheck_float64():
+    student = random_logits(2, 3, 12, seed=8, dtype=torch.float64).requires_grad_()
+    teacher = random_logits(2, 3, 12, seed=9, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    for rank_on in ("logits", "probs"):
+        assert torch.autograd.gradcheck(lambda s: rlkd_ranking_loss(s, teacher, mask, k=4, rank_on=rank_on), (student,))
+
+
+def test_perfect_agreement_gives_zero_and_training_reduces_the_loss():
+    teacher = random_logits(8, 40, seed=10)
+    assert rlkd_ranking_loss(teacher * 2 + 1, teacher, k=5, regularization_strength=1e-4).item() == pytest.approx(0, abs=1e-6)
+    # With well-separated scores the l2 soft rank is exact and flat; a larger eps gives gradients.
+    student = random_logits(8, 40, seed=11).requires_grad_()
+    optimizer = torch.optim.Adam([student], lr=0.1)
+    start = rlkd_ranking_loss(student, teacher, k=5, regularization_strength=1e-3).item()
+    for _ in range(100):
+        optimizer.zero_grad()
+        rlkd_ranking_loss(student, teacher, k=5, regularization_strength=10.0).backward()
+        optimizer.step()
+    assert rlkd_ranking_loss(student, teacher, k=5, regularization_strength=1e-3).item() < 0.5 * start
+
+
+def test_sparse_teacher_with_full_vocabulary_equals_dense():
+    student, teacher = random_logits(2, 5, 20, seed=12), random_logits(2, 5, 20, seed=13)
+    dense = rlkd_ranking_loss(student, teacher, k=4)
+    sparse = rlkd_ranking_loss(student, TopKTeacher.from_logits(teacher, 20), k=4)
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_sparse_teacher_ranks_unseen_ids_below_stored_ones_all_tied():
+    teacher = torch.tensor([[5.0, 4.0, 3.0, 0.0, -1.0, -2.0]])
+    student = torch.tensor([[-5.0, -4.0, -3.0, 3.0, 2.0, 1.0]])  # student top-3 = ids 3, 4, 5
+    sparse = rlkd_ranking_loss(student, TopKTeacher.from_logits(teacher, 3), k=3, regularization_strength=1e-4)
+    # The teacher's known ids rank 4..6, the three unseen ones tie at rank 2; the student ranks them
+    # exactly opposite: the correlation is -1 within ties' resolution.
+    ranks_t = np.array([6, 5, 4, 2, 2, 2.0])
+    ranks_s = np.array([1, 2, 3, 6, 5, 4.0])
+    assert sparse.item() == pytest.approx(1 - reference.pearson(ranks_s, ranks_t), abs=1e-4)
+
+
+def test_dynamic_weighting_scales_each_position_by_its_overlap():
+    student, teacher = random_logits(2, 4, 15, seed=14), random_logits(2, 4, 15, seed=15)
+    student[0] = teacher[0] + 0.1 * student[0]
+    overlap = topk_overlap(student, teacher, 5)
+    assert overlap[0].min() > overlap[1].max() - 1e-6 or overlap.unique().numel() > 1
+    total = rlkd_loss(student, teacher, objective=forward_kl, k=5, dynamic=True, rank_weight=2.0)
+    per_position = [reference.objective("kl", student[i:i + 1, j:j + 1], teacher[i:i + 1, j:j + 1]) for i in range(2) for j in range(4)]
+    base = float(np.mean(np.array(per_position) * overlap.reshape(-1).numpy()))
+    want = base + 2.0 * reference.rlkd_ranking(student, teacher, k=5)
+    assert total.item() == pytest.approx(want, rel=1e-5)
+    plain = rlkd_loss(student, teacher, objective=forward_kl, k=5, rank_weight=0.0)
+    assert plain.item() == pytest.approx(forward_kl(student, teacher).item())
+
+
+def test_no_valid_position_gives_zero_with_gradient():
+    student = random_logits(2, 3, 10, seed=16).requires_grad_()
+    value = rlkd_ranking_loss(student, random_logits(2, 3, 10, seed=17), torch.zeros(2, 3, dtype=torch.bool))
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 1}, {"rank_on": "ranks"}, {"regularization_strength": 0.0}])
+def test_bad_arguments_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        rlkd_ranking_loss(random_logits(2, 10), random_logits(2, 10), **kwargs)

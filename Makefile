@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torchsort compiles against the installed torch; when it sees nvcc it tries to build CUDA kernels
 # for a CPU torch and fails, so its build runs with every folder holding nvcc taken off PATH.
-PATH_WITHOUT_NVCC := $(shell printf '%s' "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s:' "$$d"; done)
+PATH_WITHOUT_NVCC := $(shell printf '%s' "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s\n' "$$d"; done | paste -sd:)
 
 .PHONY: venv test demo bench-losses clean
 

@@ -1,4 +1,5 @@
-"""The Whisper recipe on a tiny random Whisper: alignment, learning, audio_ctx export, SpecAugment."""
+"""The ASR recipes on tiny random models: Whisper (alignment, learning, audio_ctx export),
+the CTC family (frame rate, learning, alphabet check) and SpecAugment."""
 
 import pytest
 import torch
@@ -70,3 +71,56 @@ def test_spec_augment_masks_bands_with_the_utterance_mean():
         assert full_bins.sum() <= 10 and full_frames.sum() <= 30
         assert torch.equal(changed, full_bins[:, None] | full_frames[None, :])  # only whole bands change
     assert not torch.equal(masked, features)
+
+
+def ctc_config(model_dir, data_dir, **training):
+    return parse_config({
+        "task": "asr",
+        "student": {"path": str(model_dir)},
+        "data": {"train": str(data_dir), "eval": str(data_dir)},
+        "objective": {"name": "none", "ce_weight": 1.0},
+        "training": {"steps": 60, "batch_size": 4, "lr": 2e-2, "eval_every": 60, "checkpoint_every": 100, **training},
+    })
+
+
+def test_ctc_model_runs_at_its_own_frame_rate_and_learns(speech, tmp_path):
+    from kdforge.evaluation.recognizers import CTCRecognizer, load_recognizer
+    from kdforge.models.ctc import build_ctc_model
+    from kdforge.tasks.asr import CTCTask
+
+    model_dir = build_ctc_model(tmp_path / "ctc", size="tiny", frame_stack=4)
+    task = CTCTask(ctc_config(model_dir, speech), tmp_path / "probe")
+    batch = task.batch([0])
+    seconds = len(task.audio[0]) / 16_000
+    assert batch["features"].shape[-1] == 320  # 4 stacked 80-bin frames: 25 frames per second
+    assert abs(int(batch["frame_mask"].sum()) - seconds * 25) <= 1
+    assert task.tokenizer.decode(batch["targets"][0].tolist(), group_tokens=False).replace("|", " ").strip() \
+        == task.tokenizer.decode(task.train_examples[0], group_tokens=False).replace("|", " ").strip()
+    everything = task.batch(list(range(len(task.train_examples))))
+    task.student.eval()
+    with torch.no_grad():
+        before = task.loss(everything)[0].item()
+    result = train(ctc_config(model_dir, speech), tmp_path / "run", show_progress=False)
+    trained = CTCTask(ctc_config(tmp_path / "run" / "student", speech), tmp_path / "probe2")
+    trained.student.eval()
+    with torch.no_grad():
+        after = trained.loss(everything)[0].item()
+    assert after < 0.7 * before
+    assert isinstance(load_recognizer(tmp_path / "run" / "student"), CTCRecognizer)
+    assert set(result["eval"]) == {"wer", "cer"}
+
+
+def test_ctc_refuses_characters_outside_its_alphabet(speech, tmp_path):
+    import shutil
+
+    from kdforge.errors import KdforgeError
+    from kdforge.models.ctc import build_ctc_model
+
+    data = tmp_path / "data"
+    shutil.copytree(speech, data)
+    metadata = (data / "metadata.csv").read_text().splitlines()
+    first = metadata[1].split(",")
+    metadata[1] = ",".join([first[0], first[1] + " 42"] + first[2:])
+    (data / "metadata.csv").write_text("\n".join(metadata) + "\n")
+    with pytest.raises(KdforgeError, match=r"characters outside the model's alphabet: '24'"):
+        train(ctc_config(build_ctc_model(tmp_path / "ctc", size="tiny"), data), tmp_path / "run", show_progress=False)

@@ -12,7 +12,7 @@ from kdforge.losses import OBJECTIVES, TopKTeacher, adaptive_kl, forward_kl, gen
 from kdforge.losses.divergences import akl_weights, forward_kl_divergence, reverse_kl_divergence
 from kdforge.losses.sparse import category_logprobs
 
-from reference import objective, random_logits, softmax, divergence, sparse_distributions
+from reference import divergence, objective, random_logits, sparse_distributions
 
 NAMES = sorted(OBJECTIVES)
 PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}, "akl": {"mu": 0.6}}

@@ -45,3 +45,21 @@ def prepare_command(
             print(f"{result.name}: prepared in {result.path} ({time.perf_counter() - started:.1f} s)")
         else:
             print(f"{result.name}: already prepared in {result.path}, nothing to do")
+
+
+@app.command("init-ctc")
+def init_ctc_command(
+    out: Path = typer.Option(..., "--out", help="Where to save the new model (must not hold anything)."),
+    size: str = typer.Option("small", help="small (~3M parameters) or tiny (for tests)."),
+    frame_stack: int = typer.Option(4, min=1, help="Mel frames per model frame: 4 = 25 frames per second."),
+    seed: int = typer.Option(0, help="Initialisation seed."),
+) -> None:
+    """Create a randomly initialised CTC Conformer over characters, to train with `kdforge train`."""
+    from kdforge.errors import KdforgeError
+    from kdforge.models.ctc import SIZES, build_ctc_model
+
+    if size not in SIZES:
+        raise KdforgeError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
+    if out.exists() and any(out.iterdir()):
+        raise KdforgeError(f"{out} is not empty; choose another --out")
+    print(build_ctc_model(out, size=size, frame_stack=frame_stack, seed=seed))

@@ -8,7 +8,6 @@ decoding with the KV cache through ``model.generate``.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +17,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import load_whisper
+from kdforge.models.loading import load_whisper, model_type_of
 
 # Token budget of one utterance: 8 tokens per second of its audio (as much as the window holds) plus
 # 8. English speech runs at about 3 words/s and Whisper's BPE uses about 1.3 tokens a word, so the
@@ -92,17 +91,41 @@ class WhisperRecognizer:
         return [text.strip() for text in texts]
 
 
+class CTCRecognizer:
+    """Greedy (best-path) decoding of a CTC model over characters (:mod:`kdforge.models.ctc`)."""
+
+    def __init__(self, model, tokenizer, extractor):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.extractor = extractor
+        self.sampling_rate = extractor.sampling_rate
+        self.frame_stack = model.config.kdforge_frame_stack
+
+    def transcribe(self, batch: list[np.ndarray]) -> list[str]:
+        """Texts of ``batch`` (each ``(samples,)`` float32 at 16 kHz)."""
+        from kdforge.models.ctc import greedy_ctc, stacked_log_mel
+
+        features, mask = stacked_log_mel(self.extractor, batch, self.frame_stack)
+        with torch.inference_mode():
+            logits = self.model(input_features=features, attention_mask=mask.long()).logits
+        return greedy_ctc(logits, mask, self.tokenizer)
+
+
 def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None) -> Recognizer:
-    """The recognizer for a Hugging Face model directory (Whisper for now).
+    """The recognizer for a Hugging Face model directory: Whisper, or a kdforge CTC model.
 
     Raises:
-        KdforgeError: no ``config.json``, or a model type kdforge cannot decode yet.
+        KdforgeError: no ``config.json``, or a model type kdforge cannot decode.
     """
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    model_type = model_type_of(model_dir)
+    if model_type == "wav2vec2-bert":
+        from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
+
+        model = Wav2Vec2BertForCTC.from_pretrained(model_dir).eval()
+        return CTCRecognizer(model, Wav2Vec2CTCTokenizer.from_pretrained(model_dir),
+                             WhisperFeatureExtractor.from_pretrained(model_dir))
     if model_type != "whisper":
-        raise KdforgeError(f"{model_dir} holds a {model_type!r} model; `kdforge eval` decodes Whisper models")
+        raise KdforgeError(f"{model_dir} holds a {model_type!r} model; `kdforge eval` decodes Whisper and "
+                           "kdforge's CTC models")
     model, processor = load_whisper(model_dir, audio_ctx=audio_ctx)
     return WhisperRecognizer(model, processor)

@@ -9,6 +9,7 @@ Whisper directory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -52,3 +53,15 @@ def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
         apply_audio_ctx(model, processor, audio_ctx)
     model.eval()
     return model, processor
+
+
+def model_type_of(model_dir: str | Path) -> str:
+    """The ``model_type`` in ``model_dir/config.json`` (e.g. "whisper", "wav2vec2-bert", "llama").
+
+    Raises:
+        KdforgeError: the directory holds no ``config.json``.
+    """
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
+    return json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "")

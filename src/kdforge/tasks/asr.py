@@ -1,11 +1,14 @@
-"""The speech-recognition recipe for Whisper models: audiofolder -> log-mel batches -> teacher-forced loss.
+"""The speech-recognition recipes: Whisper (seq2seq, teacher-forced) and kdforge's CTC models.
 
-Alignment: a transcript is tokenised as Whisper's decoder sees it, ``<|startoftranscript|>
+Whisper alignment: a transcript is tokenised as Whisper's decoder sees it, ``<|startoftranscript|>
 [<|en|> <|transcribe|>] <|notimestamps|> text <|endoftext|>`` (the prompt tokens come from the
 model's own tokenizer, so English-only and multilingual checkpoints both work); the decoder input is
 the sequence without its last token and the targets are the sequence without its first, and only
 targets after the prompt (the text and the end token) count. Text gets the leading space Whisper
 itself produces.
+
+CTC (:mod:`kdforge.models.ctc`): stacked log-mel frames in, characters out; the task loss is CTC
+(weighted by ``objective.ce_weight``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,27 @@ from kdforge.errors import KdforgeError
 from kdforge.models.loading import load_whisper
 
 
+def read_training_audio(data_dir: str) -> tuple[list, list]:
+    """The audiofolder's records and their 16 kHz samples, read once (with a progress bar)."""
+    records = read_metadata(data_dir)
+    audio = [load_audio(r.path) for r in track(records, description="reading audio", transient=True)]
+    return records, audio
+
+
+def word_error_rates(recognizer, model: torch.nn.Module, eval_dir: str | None) -> dict[str, float]:
+    """WER and CER of ``recognizer`` (built on ``model``) on ``eval_dir``; {} without eval data."""
+    from kdforge.evaluation.runner import evaluate_recognizer
+
+    if not eval_dir:
+        return {}
+    model.eval()
+    try:
+        result = evaluate_recognizer(recognizer, eval_dir, batch_size=8, progress=False)
+    finally:
+        model.train()
+    return {"wer": result["wer"], "cer": result["cer"]}
+
+
 class WhisperTask:
     """Fine-tuning (and, with teachers in later recipes, distilling) a Whisper model on an audiofolder."""
 
@@ -29,8 +53,6 @@ class WhisperTask:
         from kdforge.student.lora import add_lora
 
         self.config = config
-        if config.student.path is None:
-            raise KdforgeError("task 'asr' needs student.path: a Whisper model directory")
         if config.teachers:
             raise KdforgeError("task 'asr' trains from labels for now: distillation from ASR teachers reads "
                                "the teacher cache, which is not built yet")
@@ -40,9 +62,8 @@ class WhisperTask:
         self.prompt_length = len(self.tokenizer("").input_ids) - 1  # everything before the text, minus eos
         if config.student.lora is not None:
             self.student = add_lora(self.student, config.student.lora)
-        records = read_metadata(config.data.train)
+        records, audio = read_training_audio(config.data.train)
         self.train_examples = [self._label_ids(r.transcription, r.path) for r in records]
-        audio = [load_audio(r.path) for r in track(records, description="reading audio", transient=True)]
         self.features = self._log_mel(audio)
 
     def _label_ids(self, text: str, where: Path) -> list[int]:
@@ -85,19 +106,75 @@ class WhisperTask:
     def evaluate(self) -> dict[str, float]:
         """WER and CER on ``data.eval`` by greedy decoding (empty without eval data)."""
         from kdforge.evaluation.recognizers import WhisperRecognizer
-        from kdforge.evaluation.runner import evaluate_recognizer
 
-        if not self.config.data.eval:
-            return {}
-        self.student.eval()
-        try:
-            result = evaluate_recognizer(WhisperRecognizer(self.student, self.processor), self.config.data.eval,
-                                         batch_size=8, progress=False)
-        finally:
-            self.student.train()
-        return {"wer": result["wer"], "cer": result["cer"]}
+        return word_error_rates(WhisperRecognizer(self.student, self.processor), self.student, self.config.data.eval)
 
     def export(self, out_dir: Path, model: torch.nn.Module) -> None:
         """A plain Whisper directory with its processor (and the trained ``audio_ctx``)."""
         model.save_pretrained(out_dir)
         self.processor.save_pretrained(out_dir)
+
+
+class CTCTask:
+    """Training a CTC model over characters (:mod:`kdforge.models.ctc`) from an audiofolder's labels.
+
+    The loss is CTC summed over the batch and divided by its number of target characters, so it is
+    a per-character mean like every other term, and micro-batches weigh by their characters.
+    """
+
+    def __init__(self, config, work_dir: Path):
+        from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
+
+        from kdforge.models.ctc import CHARACTERS
+
+        self.config = config
+        if config.teachers:
+            raise KdforgeError("a CTC model trains from labels for now; remove 'teachers'")
+        self.student = Wav2Vec2BertForCTC.from_pretrained(config.student.path)
+        self.student.train()
+        self.tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(config.student.path)
+        self.extractor = WhisperFeatureExtractor.from_pretrained(config.student.path)
+        self.frame_stack = self.student.config.kdforge_frame_stack
+        records, self.audio = read_training_audio(config.data.train)
+        for record in records:
+            outside = sorted(set(record.transcription.replace(" ", "")) - set(CHARACTERS))
+            if outside:
+                raise KdforgeError(f"the transcription of {record.path} has characters outside the model's "
+                                   f"alphabet: {''.join(outside)!r}")
+        self.train_examples = [self.tokenizer(r.transcription).input_ids for r in records]
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        """Stacked features ``(B, T, 80 * stack)`` with ``frame_mask``, and padded ``targets`` ``(B, L)``."""
+        from kdforge.models.ctc import stacked_log_mel
+
+        features, frame_mask = stacked_log_mel(self.extractor, [self.audio[i] for i in indices], self.frame_stack)
+        labels = [self.train_examples[i] for i in indices]
+        targets = torch.zeros((len(labels), max(len(ids) for ids in labels)), dtype=torch.long)
+        target_mask = torch.zeros_like(targets, dtype=torch.bool)
+        for row, ids in enumerate(labels):
+            targets[row, : len(ids)] = torch.tensor(ids)
+            target_mask[row, : len(ids)] = True
+        return {"features": features, "frame_mask": frame_mask, "targets": targets, "target_mask": target_mask}
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        features = batch["features"]
+        if self.config.audio.spec_augment is not None and self.student.training:
+            features = spec_augment(features.transpose(1, 2), self.config.audio.spec_augment).transpose(1, 2)
+        logits = self.student(input_features=features, attention_mask=batch["frame_mask"].long()).logits
+        log_probs = torch.log_softmax(logits.float(), -1).transpose(0, 1)  # (T, B, C), as ctc_loss wants
+        target_lengths = batch["target_mask"].sum(-1)
+        ctc = torch.nn.functional.ctc_loss(log_probs, batch["targets"], batch["frame_mask"].sum(-1), target_lengths,
+                                           blank=self.tokenizer.pad_token_id, reduction="sum", zero_infinity=True)
+        ctc = ctc / target_lengths.sum().clamp(min=1)
+        return self.config.objective.ce_weight * ctc, {"ctc": ctc}
+
+    def evaluate(self) -> dict[str, float]:
+        from kdforge.evaluation.recognizers import CTCRecognizer
+
+        return word_error_rates(CTCRecognizer(self.student, self.tokenizer, self.extractor), self.student,
+                                self.config.data.eval)
+
+    def export(self, out_dir: Path, model: torch.nn.Module) -> None:
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        self.extractor.save_pretrained(out_dir)

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdforge.config import RunConfig
 from kdforge.errors import KdforgeError
+from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
 from kdforge.training.curves import plot_history
 from kdforge.training.checkpoint import (claim_run_folder, latest_checkpoint, load_checkpoint, save_checkpoint,
@@ -70,9 +71,12 @@ def accumulate_gradients(task, micro_batches: list[dict], out_dir: Path, step: i
 def build_task(config: RunConfig, out_dir: Path):
     """The recipe object for ``config.task`` (models, data, loss, evaluation, export)."""
     if config.task == "asr":
-        from kdforge.tasks.asr import WhisperTask
+        from kdforge.tasks.asr import CTCTask, WhisperTask
 
-        return WhisperTask(config, out_dir)
+        if config.student.path is None:
+            raise KdforgeError("task 'asr' needs student.path: a Whisper or kdforge CTC model directory")
+        is_ctc = model_type_of(config.student.path) == "wav2vec2-bert"
+        return CTCTask(config, out_dir) if is_ctc else WhisperTask(config, out_dir)
     from kdforge.tasks.lm import LMTask
 
     return LMTask(config, out_dir)

@@ -13,21 +13,42 @@ JSON_KEYS = ("wer", "cer", "n", "utterances_per_s")
 
 
 def eval_command(
-    model: Path = typer.Option(..., "--model", help="Hugging Face model directory (Whisper)."),
+    models: list[Path] = typer.Option(..., "--model", help="Model directory (Whisper or kdforge CTC); "
+                                      "repeat it to decode an ensemble."),
     data: Path = typer.Option(..., "--data", help="Audiofolder: a folder with metadata.csv (e.g. CORPUS/test)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Utterances decoded together."),
     audio_ctx: int = typer.Option(None, "--audio-ctx", help="Whisper encoder positions kept (1500 = 30 s, 400 = 8 s)."),
     out: Path = typer.Option(None, "--out", help="New JSONL file keeping every hypothesis."),
 ) -> None:
-    """Greedy-decode an audiofolder; print a table, then a JSON line {wer, cer, n, utterances_per_s}."""
-    from kdforge.evaluation import evaluate
+    """Greedy-decode an audiofolder; print a table, then a JSON line {wer, cer, n, utterances_per_s}.
 
+    With several --model folders they are decoded as one ensemble (minimum Bayes risk over their
+    transcripts); the table shows each member and the ensemble, and the JSON line adds ``members``
+    and their pairwise ``disagreement``.
+    """
+    from kdforge.evaluation import evaluate
+    from kdforge.evaluation.ensemble import evaluate_ensemble
+
+    window = "model's" if audio_ctx is None else str(audio_ctx)
+    if len(models) > 1:
+        result = evaluate_ensemble(models, data, batch_size=batch_size, audio_ctx=audio_ctx, out_jsonl=out)
+        table = Table(title=f"kdforge eval: ensemble of {len(models)} on {data}")
+        for column in ("model", "WER", "CER", "utt/s"):
+            table.add_column(column, justify="right")
+        for member in result["members"]:
+            table.add_row(Path(member["model"]).name, f"{member['wer']:.4f}", f"{member['cer']:.4f}",
+                          f"{member['utterances_per_s']:.2f}")
+        table.add_row("ensemble (MBR)", f"{result['wer']:.4f}", f"{result['cer']:.4f}", f"{result['utterances_per_s']:.2f}")
+        Console().print(table)
+        print(json.dumps({**{key: result[key] for key in JSON_KEYS}, "members": result["members"],
+                          "disagreement": result["disagreement"]}))
+        return
+    model = models[0]
     result = evaluate(model, data, batch_size=batch_size, audio_ctx=audio_ctx, out_jsonl=out)
     table = Table(title=f"kdforge eval: {model.name} on {data}")
     for column in ("WER", "CER", "utterances", "utt/s", "audio s", "audio_ctx", "batch"):
         table.add_column(column, justify="right")
     table.add_row(f"{result['wer']:.4f}", f"{result['cer']:.4f}", str(result["n"]),
-                  f"{result['utterances_per_s']:.2f}", f"{result['audio_seconds']:.1f}",
-                  "model's" if audio_ctx is None else str(audio_ctx), str(batch_size))
+                  f"{result['utterances_per_s']:.2f}", f"{result['audio_seconds']:.1f}", window, str(batch_size))
     Console().print(table)
     print(json.dumps({key: result[key] for key in JSON_KEYS}))

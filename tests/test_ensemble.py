@@ -1,0 +1,79 @@
+"""Ensemble decoding: minimum Bayes risk selection, disagreement, and the ensemble beating its members."""
+
+import json
+
+import pytest
+
+from kdforge.data.audio import read_metadata
+from kdforge.errors import KdforgeError
+from kdforge.evaluation import ensemble
+from kdforge.evaluation.ensemble import disagreement, evaluate_ensemble, minimum_bayes_risk
+
+
+def test_minimum_bayes_risk_picks_the_consensus():
+    assert minimum_bayes_risk(["the cat sat", "the cat sat", "a dog ran"]) == 0
+    assert minimum_bayes_risk(["a b c", "a b d", "a x d"]) == 1  # distances 3, 2, 3
+    assert minimum_bayes_risk(["x", "y"]) == 0  # ties go to the earlier member
+    assert minimum_bayes_risk(["A b!", "a c", "a c"], weights=[5, 1, 1]) == 0  # normalised; weights count
+    assert minimum_bayes_risk(["a b", "a c", "a c"]) == 1
+
+
+def test_disagreement_counts_differences_among_errors():
+    references = ["one", "two", "three", "four"]
+    first = ["one", "too", "tree", "for"]
+    second = ["one", "two", "tree", "far"]
+    result = disagreement(references, first, second)
+    assert result["hypotheses_differ"] == pytest.approx(2 / 4)
+    assert result["errors_differ"] == pytest.approx(2 / 3)  # utterances 2-4 have an error; 2 and 4 differ
+
+
+class FixedRecognizer:
+    """Answers the reference except on the utterances it is told to get wrong."""
+
+    sampling_rate = 16_000
+
+    def __init__(self, references, wrong):
+        self.answers = [("zzz " + text) if index in wrong else text for index, text in enumerate(references)]
+        self.position = 0
+
+    def transcribe(self, batch):
+        out = self.answers[self.position : self.position + len(batch)]
+        self.position += len(batch)
+        return out
+
+
+def test_ensemble_beats_members_that_err_differently(speech, tmp_path, monkeypatch):
+    references = [r.transcription for r in read_metadata(speech)]
+    wrong = {"a": {0, 1}, "b": {2, 3}, "c": {1, 4}}  # only utterance 1 is wrong in two members
+    monkeypatch.setattr(ensemble, "load_recognizer",
+                        lambda model_dir, audio_ctx=None: FixedRecognizer(references, wrong[str(model_dir)]))
+    result = evaluate_ensemble(["a", "b", "c"], speech, batch_size=3, out_jsonl=tmp_path / "h.jsonl", progress=False)
+    assert all(member["wer"] > 0 for member in result["members"])
+    # utterance 1 is wrong in a and c alike ("zzz " + text): the majority error wins there, nowhere else
+    chosen = [json.loads(line)["hypothesis"] for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert chosen == [("zzz " + t) if i == 1 else t for i, t in enumerate(references)]
+    assert result["wer"] < min(member["wer"] for member in result["members"])
+    pair_ab = next(p for p in result["disagreement"] if (p["a"], p["b"]) == ("a", "b"))
+    assert pair_ab["errors_differ"] == 1.0 and pair_ab["hypotheses_differ"] == pytest.approx(4 / len(references))
+    pair_ac = next(p for p in result["disagreement"] if (p["a"], p["b"]) == ("a", "c"))
+    assert pair_ac["errors_differ"] == pytest.approx(2 / 3)
+
+
+def test_ensemble_needs_two_members(speech):
+    with pytest.raises(KdforgeError, match="at least two"):
+        evaluate_ensemble(["only"], speech)
+
+
+def test_cli_decodes_an_ensemble_and_ends_with_its_json(tiny_whisper, speech):
+    import typer
+    from typer.testing import CliRunner
+
+    from kdforge.cli.evaluate import eval_command
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    result = CliRunner().invoke(app, ["--model", str(tiny_whisper), "--model", str(tiny_whisper), "--data", str(speech)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert [m["wer"] for m in summary["members"]] == [summary["wer"]] * 2  # identical members: same answers
+    assert summary["disagreement"][0]["hypotheses_differ"] == 0.0 and summary["n"] == len(read_metadata(speech))

@@ -47,7 +47,12 @@ def test_training_lowers_the_loss_and_exports_the_short_window(tiny_whisper, spe
     student = WhisperForConditionalGeneration.from_pretrained(tmp_path / "run" / "student")
     processor = WhisperProcessor.from_pretrained(tmp_path / "run" / "student")
     assert student.config.max_source_positions == 50 and student.model.encoder.embed_positions.num_embeddings == 50
-    assert processor.feature_extractor.n_samples == 16_000
+    assert processor.feature_extractor.n_samples == 16_000 and isinstance(processor.feature_extractor.chunk_length, int)
+    from kdforge.data.audio import load_audio, read_metadata
+    from kdforge.evaluation.recognizers import load_recognizer
+
+    recognizer = load_recognizer(tmp_path / "run" / "student")  # what `kdforge eval` does with it
+    assert len(recognizer.transcribe([load_audio(read_metadata(speech)[0].path)])) == 1
     trained = WhisperTask(asr_config(tmp_path / "run" / "student", speech), tmp_path / "probe2")
     trained.student.eval()
     with torch.no_grad():

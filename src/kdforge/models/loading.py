@@ -34,7 +34,10 @@ def apply_audio_ctx(model: WhisperForConditionalGeneration, processor: WhisperPr
         frames = 2 * audio_ctx  # the encoder's two convolutions halve the mel frame rate once
         extractor.nb_max_frames = frames
         extractor.n_samples = frames * extractor.hop_length
-        extractor.chunk_length = extractor.n_samples / extractor.sampling_rate
+        # Saved and reloaded, the extractor recomputes n_samples from chunk_length: keep it an int
+        # where it can be (audio_ctx a multiple of 50), since numpy refuses float padding.
+        seconds, rest = divmod(extractor.n_samples, extractor.sampling_rate)
+        extractor.chunk_length = seconds if rest == 0 else extractor.n_samples / extractor.sampling_rate
 
 
 def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
@@ -49,8 +52,8 @@ def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
         raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
     processor = WhisperProcessor.from_pretrained(model_dir)
-    if audio_ctx is not None:
-        apply_audio_ctx(model, processor, audio_ctx)
+    # A model saved with a shorter window carries it in its config; the extractor is made to match.
+    apply_audio_ctx(model, processor, audio_ctx or model.config.max_source_positions)
     model.eval()
     return model, processor
 

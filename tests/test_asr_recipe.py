@@ -76,6 +76,13 @@ def test_spec_augment_masks_bands_with_the_utterance_mean():
         assert full_bins.sum() <= 10 and full_frames.sum() <= 30
         assert torch.equal(changed, full_bins[:, None] | full_frames[None, :])  # only whole bands change
     assert not torch.equal(masked, features)
+    torch.manual_seed(2)
+    speech_frames = torch.tensor([50, 120, 200])
+    padded = spec_augment(features, SpecAugmentConfig(time_masks=3, time_width=30, freq_masks=0), speech_frames)
+    for row, frames in enumerate(speech_frames.tolist()):
+        assert torch.equal(padded[row, :, frames:], features[row, :, frames:])  # padding is never masked
+        changed = padded[row] != features[row]
+        assert torch.allclose(padded[row][changed], features[row, :, :frames].mean().expand(int(changed.sum())))
 
 
 def ctc_config(model_dir, data_dir, **training):
@@ -95,10 +102,13 @@ def test_ctc_model_runs_at_its_own_frame_rate_and_learns(speech, tmp_path):
 
     model_dir = build_ctc_model(tmp_path / "ctc", size="tiny", frame_stack=4)
     task = CTCTask(ctc_config(model_dir, speech), tmp_path / "probe")
+    from kdforge.models.ctc import stack_frames
+
     batch = task.batch([0])
     seconds = len(task.audio[0]) / 16_000
-    assert batch["features"].shape[-1] == 320  # 4 stacked 80-bin frames: 25 frames per second
-    assert abs(int(batch["frame_mask"].sum()) - seconds * 25) <= 1
+    features, frame_mask = stack_frames(batch["mel"], batch["mel_mask"], task.frame_stack)
+    assert features.shape[-1] == 320  # 4 stacked 80-bin frames: 25 frames per second
+    assert abs(int(frame_mask.sum()) - seconds * 25) <= 1
     assert task.tokenizer.decode(batch["targets"][0].tolist(), group_tokens=False).replace("|", " ").strip() \
         == task.tokenizer.decode(task.train_examples[0], group_tokens=False).replace("|", " ").strip()
     everything = task.batch(list(range(len(task.train_examples))))

@@ -30,6 +30,8 @@ def with_change(change):
     (lambda r: r.pop("data"), "config key 'data' is required"),
     (lambda r: r.update(objective={"rlkd": {"k": 1}}), "config key 'objective.rlkd.k': Input should be greater than or equal to 2"),
     (lambda r: r.update(teachers=[]), "the objective distils from teachers, but 'teachers' is empty"),
+    (lambda r: r.update(objective={"name": "none"}), "no loss term is active"),
+    (lambda r: r.update(objective={"name": "none", "rlkd": {"weight": 0}}), "no loss term is active"),
 ])
 def test_problems_are_one_line_naming_the_key(change, message):
     with pytest.raises(KdforgeError) as error:
@@ -43,6 +45,8 @@ def test_overrides_and_defaults():
     assert config.objective.rlkd.weight == 2.0 and config.objective.name == "kl"
     with pytest.raises(KdforgeError, match="--set expects key=value"):
         parse_config(with_change(lambda r: None), ["training.steps"])
+    with pytest.raises(KdforgeError, match="--set objective: the value is not valid YAML"):
+        parse_config(with_change(lambda r: None), ["objective=[1"])
 
 
 def test_paths_expand_home_and_kdforge_home(monkeypatch, tmp_path):

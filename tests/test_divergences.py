@@ -204,3 +204,11 @@ def test_vocabulary_mismatch_is_refused_with_both_sizes():
 def test_bad_arguments_are_refused(call):
     with pytest.raises((ValueError, TypeError)):
         call(random_logits(2, 6), random_logits(2, 6))
+
+
+def test_skew_with_no_skew_is_plain_kl():
+    from kdforge.losses import skew_forward_kl, skew_reverse_kl
+
+    student, teacher = random_logits(3, 9, seed=25), random_logits(3, 9, seed=26)
+    assert skew_forward_kl(student, teacher, alpha=0.0).item() == forward_kl(student, teacher).item()
+    assert skew_reverse_kl(student, teacher, alpha=0.0).item() == reverse_kl(student, teacher).item()

@@ -44,3 +44,9 @@ def test_builtin_corpus_is_real_text_with_a_disjoint_heldout_part():
     assert len(train) > 5000 and len(heldout) > 500
     assert not {r["text"] for r in train[-50:]} & {r["text"] for r in heldout}
     assert train[0]["text"].startswith("In the beginning God created the heavens and the earth.")
+
+
+def test_test_questions_never_occur_in_training():
+    train, test = builtin_records("arithmetic"), builtin_records("arithmetic-test")
+    assert len(train) == 20_000 and len(test) == 500
+    assert not {r["query"] for r in train} & {r["query"] for r in test}

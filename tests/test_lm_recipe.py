@@ -107,8 +107,16 @@ def test_gradient_accumulation_keeps_the_loss_scale(tiny, tmp_path):
     assert one["final_loss"] == pytest.approx(four["final_loss"], rel=1e-4)
 
 
-def test_resume_after_a_crash_is_bit_identical(tiny, tmp_path, monkeypatch):
-    train(config_for(tiny), tmp_path / "straight", show_progress=False)
+def random_config(tiny):
+    """Dropout in the adapters and two micro-batches a step: resuming must restore the RNG exactly."""
+    raw = config_for(tiny, grad_accum=2).model_dump(mode="json")
+    raw["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.3}
+    return parse_config(raw)
+
+
+@pytest.mark.parametrize("make_config,crash_at_call", [(config_for, 4), (random_config, 7)])
+def test_resume_after_a_crash_is_bit_identical(tiny, tmp_path, monkeypatch, make_config, crash_at_call):
+    train(make_config(tiny), tmp_path / "straight", show_progress=False)
     import kdforge.tasks.lm as lm
 
     original = lm.LMTask.loss
@@ -116,18 +124,18 @@ def test_resume_after_a_crash_is_bit_identical(tiny, tmp_path, monkeypatch):
 
     def crash_in_step_four(self, batch):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == crash_at_call:
             raise RuntimeError("killed")
         return original(self, batch)
 
     monkeypatch.setattr(lm.LMTask, "loss", crash_in_step_four)
     with pytest.raises(RuntimeError, match="killed"):
-        train(config_for(tiny), tmp_path / "crashed", show_progress=False)
+        train(make_config(tiny), tmp_path / "crashed", show_progress=False)
     monkeypatch.setattr(lm.LMTask, "loss", original)
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-0000002"]
     with pytest.raises(KdforgeError, match="pass --resume"):
-        train(config_for(tiny), tmp_path / "crashed", show_progress=False)
-    train(config_for(tiny), tmp_path / "crashed", resume=True, show_progress=False)
+        train(make_config(tiny), tmp_path / "crashed", show_progress=False)
+    train(make_config(tiny), tmp_path / "crashed", resume=True, show_progress=False)
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "crashed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "history.jsonl").read_text().splitlines()]
@@ -167,6 +175,8 @@ def test_vocabulary_mismatch_names_both_sizes(tiny, tmp_path):
     config.teachers = [config.teachers[0].model_copy(update={"path": other_teacher})]
     with pytest.raises(KdforgeError, match=r"student has \d+ logits, teacher .* has \d+"):
         train(config, tmp_path / "run", show_progress=False)
+    assert not any((tmp_path / "run").iterdir())  # nothing left behind: the corrected run can use it
+    train(config_for(tiny, steps=1), tmp_path / "run", show_progress=False)
 
 
 def test_student_keeps_the_chosen_teacher_layers(tiny, tmp_path):

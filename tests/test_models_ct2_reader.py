@@ -163,7 +163,7 @@ def test_cli_import_never_overwrites(exports, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "manifest.json").is_file()
     before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
     assert _exit_code(["import", "ct2-whisper", str(exports["float32"]), "--out", str(out)]) == 2
-    assert "is not an empty directory" in capsys.readouterr().err
+    assert "is not an empty folder: it is never overwritten" in capsys.readouterr().err
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == before
 
 

@@ -126,16 +126,22 @@ def test_sparse_teacher_ranks_unseen_ids_below_stored_ones_all_tied():
 
 def test_dynamic_weighting_scales_each_position_by_its_overlap():
     student, teacher = random_logits(2, 4, 15, seed=14), random_logits(2, 4, 15, seed=15)
-    student[0] = teacher[0] + 0.1 * student[0]
+    student[0] = teacher[0] + 0.1 * student[0]  # row 0 agrees with the teacher, row 1 does not
     overlap = topk_overlap(student, teacher, 5)
-    assert overlap[0].min() > overlap[1].max() - 1e-6 or overlap.unique().numel() > 1
-    total = rlkd_loss(student, teacher, objective=forward_kl, k=5, dynamic=True, rank_weight=2.0)
+    assert overlap[0].mean() > 0.9 > overlap[1].mean() and overlap.unique().numel() > 1
+    result = rlkd_loss(student, teacher, objective=forward_kl, k=5, dynamic=True, rank_weight=2.0)
     per_position = [reference.objective("kl", student[i:i + 1, j:j + 1], teacher[i:i + 1, j:j + 1]) for i in range(2) for j in range(4)]
     base = float(np.mean(np.array(per_position) * overlap.reshape(-1).numpy()))
-    want = base + 2.0 * reference.rlkd_ranking(student, teacher, k=5)
-    assert total.item() == pytest.approx(want, rel=1e-5)
+    rank = reference.rlkd_ranking(student, teacher, k=5)
+    assert result.base.item() == pytest.approx(base, rel=1e-5)
+    assert result.rank.item() == pytest.approx(rank, rel=1e-5)
+    assert result.total.item() == pytest.approx(base + 2.0 * rank, rel=1e-5)
+    static = rlkd_loss(student, teacher, objective=forward_kl, k=5)
+    assert static.base.item() == pytest.approx(float(np.mean(per_position)), rel=1e-5) and static.base > result.base
     plain = rlkd_loss(student, teacher, objective=forward_kl, k=5, rank_weight=0.0)
-    assert plain.item() == pytest.approx(forward_kl(student, teacher).item())
+    assert plain.rank is None and plain.total.item() == pytest.approx(forward_kl(student, teacher).item())
+    alone = rlkd_loss(student, teacher, objective=None, k=5)
+    assert alone.base is None and alone.total.item() == pytest.approx(2.0 * rank, rel=1e-5)
 
 
 def test_no_valid_position_gives_zero_with_gradient():

@@ -144,7 +144,7 @@ def test_noisy_corpus_is_the_clean_one_plus_noise_at_the_snr(corpora):
 def test_refuses_a_non_empty_out_folder_and_unknown_voices(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(KdforgeError, match="not empty"):
+    with pytest.raises(KdforgeError, match="not an empty folder"):
         synthesize_corpus(tmp_path / "full", 2, 0)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(KdforgeError, match="unknown eSpeak voice 'en-gb'"):

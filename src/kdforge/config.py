@@ -43,7 +43,7 @@ class TeacherConfig(StrictModel):
 class LoraConfig(StrictModel):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
     target_modules: list[str] | None = Field(
         None, description="Names of the linear layers that receive adapters; default: every attention and "
                           "feed-forward projection of the architecture.")
@@ -71,13 +71,14 @@ class RLKDConfig(StrictModel):
     weight: float = Field(2.0, ge=0, description="Weight of the ranking term (the paper's +R uses 2).")
     dynamic: bool = Field(False, description="Weight each position's base loss by its top-k overlap (paper Eq. 2).")
     regularization_strength: float = Field(1.0, gt=0, description="Soft-rank eps.")
-    rank_on: Literal["logits", "probs"] = "logits"
+    rank_on: Literal["logits", "probs"] = Field("logits", description="Rank raw logits (official code) or probabilities.")
 
 
 class ObjectiveConfig(StrictModel):
     name: ObjectiveName = Field("kl", description="Base logit objective; 'none' for CE or ranking only.")
-    weight: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, ge=0, description="Weight of the base objective.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of the base objective (scaled by T**2). "
+                               "With several teachers their mean probabilities are tempered, not each teacher.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD's beta.")
     alpha: float = Field(0.1, ge=0, lt=1, description="Skew KL's alpha.")
     mu: float = Field(0.5, gt=0, le=1, description="AKL's head threshold.")
@@ -109,17 +110,17 @@ class AudioConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per optimizer step (global).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per step; batch_size must divide by it.")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    eval_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay to 10%).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null for none.")
+    seed: int = Field(0, description="Seeds initialisation, data order and augmentation.")
+    eval_every: int = Field(50, ge=1, description="Steps between evaluations (and at the end).")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints are kept.")
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> "TrainingConfig":
@@ -138,8 +139,11 @@ class RunConfig(StrictModel):
     audio: AudioConfig = Field(default_factory=AudioConfig, description="Speech options (task: asr).")
 
     @model_validator(mode="after")
-    def _teachers_for_distillation(self) -> "RunConfig":
-        distils = self.objective.name != "none" and self.objective.weight > 0 or self.objective.rlkd is not None
+    def _terms_and_teachers(self) -> "RunConfig":
+        objective = self.objective
+        distils = (objective.name != "none" and objective.weight > 0) or (objective.rlkd is not None and objective.rlkd.weight > 0)
+        if not distils and objective.ce_weight == 0:
+            raise ValueError("no loss term is active: set objective.ce_weight, or a base objective or rlkd with a weight")
         if distils and not self.teachers:
             raise ValueError("the objective distils from teachers, but 'teachers' is empty")
         return self
@@ -194,7 +198,10 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise KdforgeError(f"--set {key}: '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise KdforgeError(f"--set {key}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
 
 
 def parse_config(raw: Any, overrides: list[str] = ()) -> RunConfig:

@@ -30,7 +30,8 @@ from kdforge.data.lm import builtin_records
 from kdforge.evaluation.lm import CR_KS, MOR_KS, agreement_metrics, exact_match_accuracy
 from kdforge.home import kdforge_home
 from kdforge.models.tiny import build_tiny_lm, train_tokenizer
-from kdforge.tasks.lm import encode_record, load_causal_lm
+from kdforge.data.arithmetic import extract_answer
+from kdforge.tasks.lm import encode_record, load_causal_lm, next_token_logits
 from kdforge.training.loop import train
 
 PRETRAIN_K, DOWNSTREAM_K = 15, 5
@@ -123,7 +124,7 @@ def pretrain_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path])
     teacher.eval()
 
     def teacher_logprobs(batch):
-        return torch.log_softmax(teacher(input_ids=batch["inputs"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+        return torch.log_softmax(next_token_logits(teacher, batch), -1)
 
     splits = {
         "train": [encode_record(r, tokenizer, 128) for r in builtin_records("web-text")[: plan.eval_passages]],
@@ -151,7 +152,7 @@ def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path
     """Table 2 analogue: distil on the arithmetic task; exact-match accuracy of greedy answers."""
     problems = builtin_records("arithmetic-test")[: plan.eval_problems]
     queries = [p["query"] for p in problems]
-    answers = [int(p["response"].rsplit("####", 1)[1]) for p in problems]
+    answers = [extract_answer(p["response"]) for p in problems]
     rank = {"k": DOWNSTREAM_K, "weight": 2.0}
     settings = [("sft", False, {"name": "none", "ce_weight": 1.0})]
     for objective in plan.objectives:

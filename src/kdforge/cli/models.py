@@ -55,11 +55,6 @@ def init_ctc_command(
     seed: int = typer.Option(0, help="Initialisation seed."),
 ) -> None:
     """Create a randomly initialised CTC Conformer over characters, to train with `kdforge train`."""
-    from kdforge.errors import KdforgeError
-    from kdforge.models.ctc import SIZES, build_ctc_model
+    from kdforge.models.ctc import build_ctc_model
 
-    if size not in SIZES:
-        raise KdforgeError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
-    if out.exists() and any(out.iterdir()):
-        raise KdforgeError(f"{out} is not empty; choose another --out")
     print(build_ctc_model(out, size=size, frame_stack=frame_stack, seed=seed))

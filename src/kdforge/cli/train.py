@@ -34,7 +34,8 @@ def student_init(
     num_layers: int = typer.Option(None, help="Keep this many maximally spaced layers (default: a quarter)."),
 ) -> None:
     """Save a student made of some of the teacher's layers."""
-    if out.exists() and any(out.iterdir()):
-        raise KdforgeError(f"{out} is not empty; choose another --out")
-    kept = [int(part) for part in layers.split(",")] if layers else None
+    try:
+        kept = [int(part) for part in layers.split(",")] if layers else None
+    except ValueError:
+        raise KdforgeError(f"--layers takes comma-separated layer numbers, got {layers!r}") from None
     typer.echo(init_causal_lm_student(source, out, kept, num_layers))

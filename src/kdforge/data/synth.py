@@ -45,6 +45,7 @@ import soxr
 
 from kdforge.data.sentences import SOURCE, load_sentences
 from kdforge.errors import KdforgeError
+from kdforge.files import check_new_folder
 
 SAMPLE_RATE = 16_000
 DEFAULT_VOICES = ("en-us", "en-us-nyc", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
@@ -352,8 +353,7 @@ def synthesize_corpus(out: str | Path, n: int, seed: int, voices: list[str] | No
         KdforgeError: ``out`` is not empty, or a bad voice, variant, range or count.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KdforgeError(f"{out} already exists and is not empty: choose a new --out folder")
+    check_new_folder(out)
     if n < 1 or not 0 <= test_fraction < 1:
         raise KdforgeError(f"need n >= 1 and 0 <= test_fraction < 1, got n={n}, test_fraction={test_fraction}")
     speed = checked_range(speed or DEFAULT_SPEED, "speed (words/min)", 80, 450)

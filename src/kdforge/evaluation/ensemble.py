@@ -19,7 +19,7 @@ from kdforge.data.audio import read_metadata
 from kdforge.errors import KdforgeError
 from kdforge.evaluation.normalise import normalise_text
 from kdforge.evaluation.recognizers import load_recognizer
-from kdforge.evaluation.runner import transcribe_all, write_hypotheses
+from kdforge.evaluation.runner import check_new_file, transcribe_all, write_hypotheses
 from kdforge.evaluation.scoring import error_rates
 
 
@@ -63,8 +63,7 @@ def evaluate_ensemble(model_dirs: list[str | Path], data_dir: str | Path, batch_
         raise KdforgeError("an ensemble needs at least two --model folders")
     if weights is not None and len(weights) != len(model_dirs):
         raise KdforgeError(f"{len(weights)} weights for {len(model_dirs)} models")
-    if out_jsonl is not None and Path(out_jsonl).exists() and Path(out_jsonl).stat().st_size > 0:
-        raise KdforgeError(f"{out_jsonl} already exists: choose a new --out file")
+    out_jsonl = check_new_file(out_jsonl)
     records = read_metadata(data_dir)
     references, ids = [r.transcription for r in records], [r.id for r in records]
     members, transcripts, seconds = [], [], 0.0
@@ -80,6 +79,6 @@ def evaluate_ensemble(model_dirs: list[str | Path], data_dir: str | Path, batch_
     pairs = [{"a": str(model_dirs[i]), "b": str(model_dirs[j]), **disagreement(references, transcripts[i], transcripts[j])}
              for i, j in itertools.combinations(range(len(model_dirs)), 2)]
     if out_jsonl is not None:
-        write_hypotheses(Path(out_jsonl), records, chosen)
+        write_hypotheses(out_jsonl, records, chosen)
     return {"wer": rates.wer, "cer": rates.cer, "n": len(records), "utterances_per_s": len(records) / seconds,
             "members": members, "disagreement": pairs}

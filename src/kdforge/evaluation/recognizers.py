@@ -17,7 +17,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import load_whisper, model_type_of
+from kdforge.models.loading import decoder_prompt_length, load_whisper, model_type_of
 
 # Token budget of one utterance: 8 tokens per second of its audio (as much as the window holds) plus
 # 8. English speech runs at about 3 words/s and Whisper's BPE uses about 1.3 tokens a word, so the
@@ -56,8 +56,7 @@ class WhisperRecognizer:
         languages = getattr(generation, "lang_to_id", {})
         multilingual = getattr(generation, "is_multilingual", False) and f"<|{language}|>" in languages
         self.prompt_options = {"language": language, "task": "transcribe"} if multilingual else {}
-        # the prompt: <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>
-        self.prompt_tokens = 4 if self.prompt_options else 2
+        self.prompt_tokens = decoder_prompt_length(processor.tokenizer)
         # a private copy: greedy with the KV cache
         self.generation_config = copy.deepcopy(generation)
         self.generation_config.update(do_sample=False, num_beams=1, use_cache=True)

@@ -148,16 +148,20 @@ def _check_skew(alpha: float) -> None:
 
 def skew_forward_kl(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor | None = None,
                     alpha: float = 0.1, temperature: float = 1.0, **options) -> Tensor:
-    """DistiLLM's skew forward KL with skew ``alpha``; otherwise as :func:`forward_kl`."""
+    """DistiLLM's skew forward KL with skew ``alpha`` (0 is forward KL); otherwise as :func:`forward_kl`."""
     _check_skew(alpha)
+    if alpha == 0.0:
+        return forward_kl(student_logits, teacher_logits, mask, temperature, **options)
     return objective_loss(partial(skew_forward_kl_divergence, alpha=alpha), student_logits, teacher_logits,
                           mask, temperature, **options)
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor | None = None,
                     alpha: float = 0.1, temperature: float = 1.0, **options) -> Tensor:
-    """DistiLLM's skew reverse KL with skew ``alpha``; otherwise as :func:`forward_kl`."""
+    """DistiLLM's skew reverse KL with skew ``alpha`` (0 is reverse KL); otherwise as :func:`forward_kl`."""
     _check_skew(alpha)
+    if alpha == 0.0:
+        return reverse_kl(student_logits, teacher_logits, mask, temperature, **options)
     return objective_loss(partial(skew_reverse_kl_divergence, alpha=alpha), student_logits, teacher_logits,
                           mask, temperature, **options)
 

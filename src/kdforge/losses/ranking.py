@@ -15,7 +15,7 @@ the pool-adjacent-violators solution, as in torchsort.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -237,37 +237,55 @@ def rlkd_ranking_loss(
     return ((1.0 - rho).sum() / max(row_count(leading, rows), 1)).to(torch.promote_types(student_logits.dtype, torch.float32))
 
 
+class RankedLoss(NamedTuple):
+    """The combined loss and its two parts (None where a part is switched off)."""
+
+    total: Tensor
+    base: Tensor | None
+    rank: Tensor | None
+
+
 def rlkd_loss(
     student_logits: Tensor,
     teacher_logits: Teacher,
     mask: Tensor | None = None,
     *,
-    objective: Callable[..., Tensor],
+    objective: Callable[..., Tensor] | None,
+    base_weight: float = 1.0,
     rank_weight: float = 2.0,
     k: int = 5,
     dynamic: bool = False,
     regularization_strength: float = 1.0,
     rank_on: RankOn = "logits",
     **objective_options,
-) -> Tensor:
-    """``L_base + rank_weight * L_rank``: any base objective plus the RLKD ranking term.
+) -> RankedLoss:
+    """``base_weight * L_base + rank_weight * L_rank``: any base objective plus the RLKD ranking term.
 
-    The paper's "+R" results use ``rank_weight = 2``. With ``dynamic=True`` (paper Eq. 2) each
-    position's base divergence is weighted by its OR@k, ``|topk_T INTERSECT topk_S| / k``.
+    The paper's "+R" results use ``rank_weight = 2`` and ``base_weight = 1``. With ``dynamic=True``
+    (paper Eq. 2) each position's base divergence is weighted by its OR@k,
+    ``|topk_T INTERSECT topk_S| / k``. ``objective=None`` is the ranking term alone, and
+    ``rank_weight=0`` the base objective alone.
 
     Args:
         student_logits, teacher_logits, mask: as for every loss in :mod:`kdforge.losses`.
-        objective: a base loss such as :func:`~kdforge.losses.forward_kl`.
-        rank_weight, k, regularization_strength, rank_on: the ranking term's settings.
+        objective: a base loss such as :func:`~kdforge.losses.forward_kl`, or None.
+        base_weight, rank_weight: the two terms' weights.
+        k, dynamic, regularization_strength, rank_on: the ranking term's settings.
         **objective_options: passed to the base objective (``temperature``, ``beta``, ``tail``...).
 
     Returns:
-        A scalar tensor.
+        ``RankedLoss(total, base, rank)``, scalars.
     """
-    if dynamic:
-        objective_options["position_weights"] = topk_overlap(student_logits, teacher_logits, k)
-    base = objective(student_logits, teacher_logits, mask, **objective_options)
-    if rank_weight == 0:
-        return base
-    rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on)
-    return base + rank_weight * rank
+    if objective is None and rank_weight == 0:
+        raise ValueError("rlkd_loss needs a base objective or a positive rank_weight")
+    base = rank = None
+    total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
+    if objective is not None:
+        if dynamic:
+            objective_options["position_weights"] = topk_overlap(student_logits, teacher_logits, k)
+        base = objective(student_logits, teacher_logits, mask, **objective_options)
+        total = total + base_weight * base
+    if rank_weight != 0:
+        rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on)
+        total = total + rank_weight * rank
+    return RankedLoss(total, base, rank)

@@ -96,7 +96,7 @@ class _ChunkedSum(torch.autograd.Function):
     def forward(ctx, student_flat, rows, chunk_size, compute_chunk: Callable[[Tensor, slice], Tensor]):
         needs_grad = student_flat.requires_grad
         gradient = torch.zeros_like(student_flat) if needs_grad else None
-        total = torch.zeros((), dtype=torch.promote_types(student_flat.dtype, torch.float32))
+        total = torch.zeros((), dtype=torch.promote_types(student_flat.dtype, torch.float32), device=student_flat.device)
         for start in range(0, row_count(student_flat.shape[:1], rows), chunk_size):
             part = slice(start, start + chunk_size)
             selector = row_selector(rows, part)

@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
 
 from kdforge.errors import KdforgeError
+from kdforge.files import check_new_folder
 
 CHARACTERS = "'" + string.ascii_lowercase
 MEL_BINS = 80
@@ -41,37 +42,53 @@ def character_tokenizer() -> Wav2Vec2CTCTokenizer:
 
 
 def build_ctc_model(out_dir: str | Path, size: str = "small", frame_stack: int = 4, seed: int = 0) -> Path:
-    """Save a randomly initialised CTC Conformer with its tokenizer and feature extractor."""
+    """Save a randomly initialised CTC Conformer with its tokenizer and feature extractor.
+
+    Raises:
+        KdforgeError: unknown size, or ``out_dir`` already holds something.
+    """
+    if size not in SIZES:
+        raise KdforgeError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
+    out_dir = check_new_folder(out_dir)
     torch.manual_seed(seed)
     tokenizer = character_tokenizer()
     config = Wav2Vec2BertConfig(vocab_size=len(tokenizer), feature_projection_input_dim=MEL_BINS * frame_stack,
                                 conv_depthwise_kernel_size=15, pad_token_id=tokenizer.pad_token_id, add_adapter=False,
                                 position_embeddings_type="relative_key", max_source_positions=1024, **SIZES[size])
     config.kdforge_frame_stack = frame_stack
-    out_dir = Path(out_dir)
     Wav2Vec2BertForCTC(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     WhisperFeatureExtractor(feature_size=MEL_BINS).save_pretrained(out_dir)
     return out_dir
 
 
-def stacked_log_mel(extractor: WhisperFeatureExtractor, audio: list[np.ndarray], frame_stack: int) -> tuple[Tensor, Tensor]:
-    """Log-mel features of a batch, ``frame_stack`` frames concatenated.
+def log_mel(extractor: WhisperFeatureExtractor, audio: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Whisper's normalised 80-bin log-mel of a batch, padded to the longest utterance.
 
     Returns:
-        ``features (B, T, 80 * frame_stack)`` and ``mask (B, T)`` (True on real frames), with
-        ``T = longest utterance's frames // frame_stack``.
+        ``mel (B, 80, F)`` and ``mask (B, F)`` (True on the utterance's own frames).
     """
     encoded = extractor(audio, sampling_rate=extractor.sampling_rate, padding="longest", return_attention_mask=True,
                         return_tensors="pt")
-    mel = encoded.input_features.transpose(1, 2)  # (B, frames, 80)
-    frames = mel.shape[1] // frame_stack * frame_stack
+    return encoded.input_features, encoded.attention_mask.bool()
+
+
+def stack_frames(mel: Tensor, mask: Tensor, frame_stack: int) -> tuple[Tensor, Tensor]:
+    """Concatenate ``frame_stack`` consecutive frames: ``(B, 80, F), (B, F) -> (B, T, 80 * stack), (B, T)``.
+
+    ``T = F // frame_stack``; a model frame is real when all its mel frames are.
+    """
+    frames = mel.shape[-1] // frame_stack * frame_stack
     if frames == 0:
         raise KdforgeError(f"audio shorter than {frame_stack} mel frames cannot be recognised")
     batch = mel.shape[0]
-    features = mel[:, :frames].reshape(batch, frames // frame_stack, MEL_BINS * frame_stack)
-    mask = encoded.attention_mask[:, :frames].reshape(batch, -1, frame_stack).all(-1)
-    return features, mask
+    features = mel[..., :frames].transpose(1, 2).reshape(batch, frames // frame_stack, MEL_BINS * frame_stack)
+    return features, mask[:, :frames].reshape(batch, -1, frame_stack).all(-1)
+
+
+def stacked_log_mel(extractor: WhisperFeatureExtractor, audio: list[np.ndarray], frame_stack: int) -> tuple[Tensor, Tensor]:
+    """:func:`log_mel` then :func:`stack_frames`: the model's input ``(B, T, 80 * stack)`` and mask ``(B, T)``."""
+    return stack_frames(*log_mel(extractor, audio), frame_stack)
 
 
 def greedy_ctc(logits: Tensor, mask: Tensor, tokenizer: Wav2Vec2CTCTokenizer) -> list[str]:

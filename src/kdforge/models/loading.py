@@ -68,3 +68,9 @@ def model_type_of(model_dir: str | Path) -> str:
     if not config_path.is_file():
         raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
     return json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "")
+
+
+def decoder_prompt_length(tokenizer) -> int:
+    """Tokens before the text in a Whisper target: 2 for English-only models (start, no-timestamps),
+    4 for multilingual ones (start, language, task, no-timestamps), as the tokenizer itself adds them."""
+    return len(tokenizer("").input_ids) - 1  # minus the end token

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdforge.errors import KdforgeError
+from kdforge.files import check_new_folder
 from kdforge.home import kdforge_home
 from kdforge.models.ct2_whisper import convert_ct2_whisper, find_model_files
 from kdforge.models.gguf_import import check_gguf_file, convert_gguf
@@ -74,16 +75,6 @@ def is_complete(directory: Path, verify_checksums: bool = False) -> bool:
         if verify_checksums and sha256_file(path) != record["sha256"]:
             return False
     return True
-
-
-def check_output_dir(out_dir: Path) -> None:
-    """Refuse to write where something already is.
-
-    Raises:
-        KdforgeError: ``out_dir`` is a file or a non-empty directory.
-    """
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise KdforgeError(f"{out_dir} exists and is not an empty directory: it is never overwritten, choose another")
 
 
 def build_atomically(target: Path, build: Callable[[Path], None], source: dict) -> None:
@@ -199,7 +190,7 @@ def import_ct2_whisper(src_dir: str | Path, out_dir: str | Path) -> Path:
         KdforgeError: ``out_dir`` not empty, or a checkpoint the converter refuses.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    check_output_dir(out_dir)
+    check_new_folder(out_dir)
     if not src_dir.is_dir():
         raise KdforgeError(f"{src_dir} is not a directory")
     model_files = find_model_files(src_dir)
@@ -215,7 +206,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         KdforgeError: ``out_dir`` not empty, or not a GGUF causal LM.
     """
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
-    check_output_dir(out_dir)
+    check_new_folder(out_dir)
     check_gguf_file(gguf_file)
     source = {"format": "gguf", "files": [str(gguf_file)]}
     build_atomically(out_dir, lambda staging: convert_gguf(gguf_file, staging), source)

@@ -45,7 +45,7 @@ def build_tiny_lm(out_dir: str | Path, size: TinySize, tokenizer: PreTrainedToke
     """Save a randomly initialised tiny causal LM with ``tokenizer`` as a Hugging Face directory."""
     torch.manual_seed(seed)
     config = tiny_config(size, len(tokenizer))
-    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = None
     model = LlamaForCausalLM(config)

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kdforge.errors import KdforgeError
+from kdforge.files import check_new_folder
 
 
 def maximally_spaced(total: int, keep: int) -> list[int]:
@@ -44,9 +45,10 @@ def init_causal_lm_student(teacher_dir: str | Path, out_dir: str | Path, layers:
     """Save a causal LM made of the teacher's ``layers`` (default: ``num_layers`` maximally spaced).
 
     Raises:
-        KdforgeError: a layer the teacher lacks, duplicate layers, or no teacher directory.
+        KdforgeError: a layer the teacher lacks, duplicate layers, no teacher directory, or an
+            ``out_dir`` that already holds something.
     """
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    teacher_dir, out_dir = Path(teacher_dir), check_new_folder(out_dir)
     if not (teacher_dir / "config.json").is_file():
         raise KdforgeError(f"{teacher_dir} is not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(teacher_dir)

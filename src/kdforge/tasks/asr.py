@@ -22,7 +22,7 @@ from torch import Tensor
 from kdforge.data.audio import load_audio, read_metadata
 from kdforge.data.augment import spec_augment
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import load_whisper
+from kdforge.models.loading import decoder_prompt_length, load_whisper
 
 
 def read_training_audio(data_dir: str) -> tuple[list, list]:
@@ -38,11 +38,12 @@ def word_error_rates(recognizer, model: torch.nn.Module, eval_dir: str | None) -
 
     if not eval_dir:
         return {}
+    was_training = model.training
     model.eval()
     try:
         result = evaluate_recognizer(recognizer, eval_dir, batch_size=8, progress=False)
     finally:
-        model.train()
+        model.train(was_training)
     return {"wer": result["wer"], "cer": result["cer"]}
 
 
@@ -59,12 +60,11 @@ class WhisperTask:
         self.student, self.processor = load_whisper(config.student.path, config.audio.audio_ctx)
         self.student.train()
         self.tokenizer = self.processor.tokenizer
-        self.prompt_length = len(self.tokenizer("").input_ids) - 1  # everything before the text, minus eos
+        self.prompt_length = decoder_prompt_length(self.tokenizer)
         if config.student.lora is not None:
             self.student = add_lora(self.student, config.student.lora)
-        records, audio = read_training_audio(config.data.train)
+        records, self.audio = read_training_audio(config.data.train)
         self.train_examples = [self._label_ids(r.transcription, r.path) for r in records]
-        self.features = self._log_mel(audio)
 
     def _label_ids(self, text: str, where: Path) -> list[int]:
         ids = self.tokenizer(" " + text.strip()).input_ids
@@ -73,15 +73,10 @@ class WhisperTask:
                                f"{self.student.config.max_target_positions} positions")
         return ids
 
-    def _log_mel(self, audio: list) -> Tensor:
-        """``(N, 80, 2 * audio_ctx)`` features, extracted once (they do not change between epochs)."""
-        extractor = self.processor.feature_extractor
-        chunks = [extractor(audio[i : i + 64], sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
-                  for i in range(0, len(audio), 64)]
-        return torch.cat(chunks)
-
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        """Features ``(B, 80, frames)``, decoder inputs, targets and target mask ``(B, L)``."""
+        """Log-mel ``features (B, 80, 2 * audio_ctx)`` with ``frames (B,)`` of speech in each, decoder
+        ``inputs``, ``targets`` and ``target_mask`` ``(B, L)``. Features are extracted per batch:
+        kept for a whole corpus they would take about 1 MB per utterance at the full window."""
         sequences = [self.train_examples[i] for i in indices]
         length = max(len(s) for s in sequences) - 1
         pad = self.tokenizer.eos_token_id
@@ -92,14 +87,18 @@ class WhisperTask:
             inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
             targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
             target_mask[row, self.prompt_length - 1 : len(ids) - 1] = True
-        return {"features": self.features[indices], "inputs": inputs, "targets": targets, "target_mask": target_mask}
+        extractor = self.processor.feature_extractor
+        audio = [self.audio[i] for i in indices]
+        features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
+        frames = torch.tensor([-(-len(a) // extractor.hop_length) for a in audio])
+        return {"features": features, "frames": frames, "inputs": inputs, "targets": targets, "target_mask": target_mask}
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         from kdforge.training.objective import token_loss_terms
 
         features = batch["features"]
         if self.config.audio.spec_augment is not None and self.student.training:
-            features = spec_augment(features, self.config.audio.spec_augment)
+            features = spec_augment(features, self.config.audio.spec_augment, batch["frames"])
         logits = self.student(input_features=features, decoder_input_ids=batch["inputs"]).logits
         return token_loss_terms(logits, None, batch["targets"], batch["target_mask"], self.config.objective)
 
@@ -142,28 +141,37 @@ class CTCTask:
                 raise KdforgeError(f"the transcription of {record.path} has characters outside the model's "
                                    f"alphabet: {''.join(outside)!r}")
         self.train_examples = [self.tokenizer(r.transcription).input_ids for r in records]
+        hop = self.extractor.hop_length * self.frame_stack
+        for record, audio, ids in zip(records, self.audio, self.train_examples):
+            repeats = sum(a == b for a, b in zip(ids, ids[1:]))  # CTC needs a blank between repeated labels
+            if len(audio) // hop < len(ids) + repeats:
+                raise KdforgeError(f"{record.path} is too short for its transcription at this model's frame rate "
+                                   f"({len(audio) // hop} frames for {len(ids) + repeats} labels)")
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        """Stacked features ``(B, T, 80 * stack)`` with ``frame_mask``, and padded ``targets`` ``(B, L)``."""
-        from kdforge.models.ctc import stacked_log_mel
+        """Log-mel ``(B, 80, F)`` with ``mel_mask`` ``(B, F)``, and padded character ``targets`` ``(B, L)``."""
+        from kdforge.models.ctc import log_mel
 
-        features, frame_mask = stacked_log_mel(self.extractor, [self.audio[i] for i in indices], self.frame_stack)
+        mel, mel_mask = log_mel(self.extractor, [self.audio[i] for i in indices])
         labels = [self.train_examples[i] for i in indices]
         targets = torch.zeros((len(labels), max(len(ids) for ids in labels)), dtype=torch.long)
         target_mask = torch.zeros_like(targets, dtype=torch.bool)
         for row, ids in enumerate(labels):
             targets[row, : len(ids)] = torch.tensor(ids)
             target_mask[row, : len(ids)] = True
-        return {"features": features, "frame_mask": frame_mask, "targets": targets, "target_mask": target_mask}
+        return {"mel": mel, "mel_mask": mel_mask, "targets": targets, "target_mask": target_mask}
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        features = batch["features"]
+        from kdforge.models.ctc import stack_frames
+
+        mel = batch["mel"]
         if self.config.audio.spec_augment is not None and self.student.training:
-            features = spec_augment(features.transpose(1, 2), self.config.audio.spec_augment).transpose(1, 2)
-        logits = self.student(input_features=features, attention_mask=batch["frame_mask"].long()).logits
+            mel = spec_augment(mel, self.config.audio.spec_augment, batch["mel_mask"].sum(-1))
+        features, frame_mask = stack_frames(mel, batch["mel_mask"], self.frame_stack)
+        logits = self.student(input_features=features, attention_mask=frame_mask.long()).logits
         log_probs = torch.log_softmax(logits.float(), -1).transpose(0, 1)  # (T, B, C), as ctc_loss wants
         target_lengths = batch["target_mask"].sum(-1)
-        ctc = torch.nn.functional.ctc_loss(log_probs, batch["targets"], batch["frame_mask"].sum(-1), target_lengths,
+        ctc = torch.nn.functional.ctc_loss(log_probs, batch["targets"], frame_mask.sum(-1), target_lengths,
                                            blank=self.tokenizer.pad_token_id, reduction="sum", zero_infinity=True)
         ctc = ctc / target_lengths.sum().clamp(min=1)
         return self.config.objective.ce_weight * ctc, {"ctc": ctc}

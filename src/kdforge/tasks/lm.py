@@ -96,6 +96,7 @@ def next_token_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tenso
 def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str],
                      max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
     """Greedy continuations of the prompts, batched (left padding) with the KV cache."""
+    was_training = model.training
     model.eval()
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -109,6 +110,7 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             answers += tokenizer.batch_decode(output[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = previous_side
+        model.train(was_training)
     return answers
 
 

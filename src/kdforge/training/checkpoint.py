@@ -10,6 +10,7 @@ It holds the trainable weights, the optimizer's tensors (``*.safetensors``) and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,31 +19,68 @@ from safetensors.torch import load_file, save_file
 
 from kdforge.config import RunConfig
 from kdforge.errors import KdforgeError
+from kdforge.files import write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 
 
-def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> None:
-    """Make ``out_dir`` this run's folder, refusing to overwrite a finished or different run."""
+def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> bool:
+    """Make ``out_dir`` this run's folder, refusing to overwrite a finished or different run.
+
+    Returns:
+        True when this is a new run (the folder was missing or empty), False when resuming.
+    """
     if (out_dir / "result.json").exists():
         raise KdforgeError(f"{out_dir} already holds a finished run; choose another --out")
     saved = out_dir / "config.json"
     if saved.exists():
         if not resume:
             raise KdforgeError(f"{out_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
-        if json.loads(saved.read_text()) != config.model_dump(mode="json"):
+        try:
+            same = json.loads(saved.read_text()) == config.model_dump(mode="json")
+        except (OSError, json.JSONDecodeError):
+            raise KdforgeError(f"{saved} is unreadable; this run cannot be resumed") from None
+        if not same:
             raise KdforgeError(f"{out_dir} was started with another config; resume with the same one")
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise KdforgeError(f"{out_dir} is not empty and holds no kdforge run; choose another --out")
+        return False
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise KdforgeError(f"{out_dir} is not an empty folder and holds no kdforge run; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved, config.model_dump(mode="json"))
+    return True
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(path)
+def empty_run_folder(out_dir: Path) -> None:
+    """Remove what a new run wrote before it failed to start, so the same command can be retried."""
+    for child in out_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """Every random generator training uses: torch's CPU one and, where present, each GPU's."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    return states
+
+
+def _restore_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[f"cuda.{i}"] for i in range(len(states) - 1)]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _flush_folder(folder: Path) -> None:
+    """fsync every file of ``folder`` and the folder itself, so a rename after it survives a power cut."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -79,9 +117,10 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         save_file({k: v.detach().contiguous() for k, v in trainable.items()}, temporary / "trainable.safetensors")
         optimizer_tensors, optimizer_rest = _optimizer_payload(optimizer)
         save_file(optimizer_tensors, temporary / "optimizer.safetensors")
-        save_file({"torch": torch.get_rng_state()}, temporary / "rng.safetensors")
+        save_file(_rng_states(), temporary / "rng.safetensors")
         write_json_atomic(temporary / "state.json", {"step": step, "optimizer": optimizer_rest,
                                                      "scheduler": scheduler.state_dict()})
+        _flush_folder(temporary)
         temporary.rename(final)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -100,8 +139,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Restore weights, optimizer, scheduler and RNG from ``path``; return the step it was taken after."""
-    state = json.loads((path / "state.json").read_text())
-    trainable = load_file(path / "trainable.safetensors")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        trainable = load_file(path / "trainable.safetensors")
+        optimizer_tensors = load_file(path / "optimizer.safetensors")
+        rng = load_file(path / "rng.safetensors")
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise KdforgeError(f"checkpoint {path} is damaged ({error}); delete it to resume from the one before") from None
     missing = set(trainable) - {name for name, _ in model.named_parameters()}
     if missing:
         raise KdforgeError(f"checkpoint {path} does not fit this model (e.g. {sorted(missing)[0]})")
@@ -109,7 +153,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     with torch.no_grad():
         for name, value in trainable.items():
             parameters[name].copy_(value)
-    _restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    _restore_optimizer(optimizer, optimizer_tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
+    _restore_rng_states(rng)
     return state["step"]

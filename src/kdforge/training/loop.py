@@ -22,8 +22,9 @@ from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
 from kdforge.training.curves import plot_history
-from kdforge.training.checkpoint import (claim_run_folder, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                         write_json_atomic)
+from kdforge.files import write_json_atomic, write_text_atomic
+from kdforge.training.checkpoint import (claim_run_folder, empty_run_folder, latest_checkpoint, load_checkpoint,
+                                         save_checkpoint)
 
 
 def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -90,10 +91,15 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             loss stopped being finite (the last good checkpoint is kept).
     """
     out_dir = Path(out_dir)
-    claim_run_folder(out_dir, config, resume)
+    new_run = claim_run_folder(out_dir, config, resume)
     settings = config.training
     torch.manual_seed(settings.seed)
-    task = build_task(config, out_dir)
+    try:
+        task = build_task(config, out_dir)
+    except BaseException:
+        if new_run:  # nothing was trained: leave the folder as it was, so a corrected config can use it
+            empty_run_folder(out_dir)
+        raise
     model = task.student
     model.train()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -107,7 +113,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     history_path = out_dir / "history.jsonl"
     history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
     history = [entry for entry in history if entry["step"] <= start]  # drop what the crash outran
-    history_path.write_text("".join(json.dumps(e) + "\n" for e in history))
+    write_text_atomic(history_path, "".join(json.dumps(e) + "\n" for e in history))
 
     started = time.perf_counter()
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),

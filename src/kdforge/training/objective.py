@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kdforge.config import ObjectiveConfig
-from kdforge.losses import OBJECTIVES, rlkd_ranking_loss, topk_overlap
+from kdforge.losses import OBJECTIVES, rlkd_loss
 from kdforge.losses.reduction import auto_chunk_size, masked_mean
 from kdforge.losses.sparse import Teacher
 from kdforge.metrics import token_nll
@@ -36,17 +36,15 @@ def token_loss_terms(student_logits: Tensor, teacher: Teacher | None, targets: T
     if objective.ce_weight > 0:
         terms["ce"] = masked_mean(token_nll(student_logits, targets), mask)
         total = total + objective.ce_weight * terms["ce"]
-    if objective.name != "none" and objective.weight > 0:
-        options = objective.base_options()
-        if objective.rlkd is not None and objective.rlkd.dynamic:
-            options["position_weights"] = topk_overlap(student_logits, teacher, objective.rlkd.k)
+    base = OBJECTIVES[objective.name] if objective.name != "none" and objective.weight > 0 else None
+    rlkd = objective.rlkd if objective.rlkd is not None and objective.rlkd.weight > 0 else None
+    if base is not None or rlkd is not None:
+        ranking = {} if rlkd is None else dict(k=rlkd.k, dynamic=rlkd.dynamic, rank_on=rlkd.rank_on,
+                                                  regularization_strength=rlkd.regularization_strength)
         # The chunked path is both leaner and faster than plain autograd (docs/performance.md).
-        terms["kd"] = OBJECTIVES[objective.name](student_logits, teacher, mask, temperature=objective.temperature,
-                                                 chunk_size=auto_chunk_size(student_logits.shape[-1]), **options)
-        total = total + objective.weight * terms["kd"]
-    if objective.rlkd is not None and objective.rlkd.weight > 0:
-        rlkd = objective.rlkd
-        terms["rank"] = rlkd_ranking_loss(student_logits, teacher, mask, k=rlkd.k,
-                                          regularization_strength=rlkd.regularization_strength, rank_on=rlkd.rank_on)
-        total = total + rlkd.weight * terms["rank"]
+        combined = rlkd_loss(student_logits, teacher, mask, objective=base, base_weight=objective.weight,
+                             rank_weight=rlkd.weight if rlkd else 0.0, **ranking, temperature=objective.temperature,
+                             chunk_size=auto_chunk_size(student_logits.shape[-1]), **objective.base_options())
+        terms |= {name: value for name, value in (("kd", combined.base), ("rank", combined.rank)) if value is not None}
+        total = total + combined.total
     return total, terms

@@ -233,3 +233,15 @@ def test_evaluation_reports_perplexity_and_full_agreement_with_itself(tiny, tmp_
     everything = collate(task.eval_examples, task.tokenizer.pad_token_id)
     _, terms = task.loss(everything)
     assert metrics["ppl"] == pytest.approx(float(terms["ce"].detach().exp()), rel=1e-4)
+
+
+def test_the_best_evaluation_is_kept(tiny, tmp_path):
+    raw = config_for(tiny, steps=5, eval_every=1, checkpoint_every=2, keep_checkpoints=1).model_dump(mode="json")
+    raw["data"]["eval"] = str(tiny["data"])
+    train(parse_config(raw), tmp_path / "run", show_progress=False)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    best_step = min(history, key=lambda entry: entry["eval"]["ppl"])["step"]
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == sorted([f"best-step-{best_step:07d}", "step-0000004"])
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"best-step-{best_step:07d}" / "state.json").read_text())
+    assert state["value"] == min(entry["eval"]["ppl"] for entry in history)

@@ -50,6 +50,8 @@ def word_error_rates(recognizer, model: torch.nn.Module, eval_dir: str | None) -
 class WhisperTask:
     """Fine-tuning (and, with teachers in later recipes, distilling) a Whisper model on an audiofolder."""
 
+    selection_metric = "wer"  # the best checkpoint has the lowest validation WER
+
     def __init__(self, config, work_dir: Path):
         from kdforge.student.lora import add_lora
 
@@ -120,6 +122,8 @@ class CTCTask:
     The loss is CTC summed over the batch and divided by its number of target characters, so it is
     a per-character mean like every other term, and micro-batches weigh by their characters.
     """
+
+    selection_metric = "wer"
 
     def __init__(self, config, work_dir: Path):
         from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor

@@ -117,6 +117,8 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
 class LMTask:
     """Everything the loop needs for causal-LM distillation: models, data, loss, evaluation, export."""
 
+    selection_metric = "ppl"  # the best checkpoint has the lowest held-out perplexity
+
     def __init__(self, config, work_dir: Path):
         from kdforge.data.lm import load_records
         from kdforge.student.init import init_causal_lm_student

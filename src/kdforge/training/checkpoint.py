@@ -1,7 +1,8 @@
 """Run folders and checkpoints: safetensors + JSON, written atomically, the last few kept.
 
-A run folder holds ``config.json`` (the validated config), ``checkpoints/step-NNNNNNN/`` and, once
-finished, ``student/`` and ``result.json``. A checkpoint folder is built under a temporary name and
+A run folder holds ``config.json`` (the validated config), ``checkpoints/step-NNNNNNN/`` (the last
+few), ``checkpoints/best-step-NNNNNNN/`` (the weights of the best evaluation) and, once finished,
+``student/``, ``curves.png`` and ``result.json``. A checkpoint folder is built under a temporary name and
 renamed into place, so a crash (or a full disk) at any moment leaves the previous checkpoint intact.
 It holds the trainable weights, the optimizer's tensors (``*.safetensors``) and everything else
 (step, scheduler, optimizer hyper-parameters, RNG state) in ``state.json``.
@@ -129,6 +130,37 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def save_best(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], metric: str, value: float) -> Path:
+    """Keep the trainable weights of the best evaluation so far as ``checkpoints/best-step-N``.
+
+    The new folder is complete before the previous best is removed, so one always exists.
+    """
+    root = out_dir / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"best-step-{step:07d}"
+    temporary = root / f".tmp-best-step-{step:07d}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        save_file({k: v.detach().contiguous() for k, v in trainable.items()}, temporary / "trainable.safetensors")
+        write_json_atomic(temporary / "state.json", {"step": step, "metric": metric, "value": value})
+        _flush_folder(temporary)
+        temporary.rename(final)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise KdforgeError(f"could not write the best checkpoint ({error.strerror}); the previous one is intact") from None
+    for old in root.glob("best-step-*"):
+        if old != final:
+            shutil.rmtree(old)
+    return final
+
+
+def best_value(out_dir: Path) -> float | None:
+    """The metric value of the kept best checkpoint, if any."""
+    kept = sorted((out_dir / CHECKPOINTS).glob("best-step-*"))
+    return json.loads((kept[-1] / "state.json").read_text())["value"] if kept else None
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

@@ -23,8 +23,8 @@ from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
 from kdforge.training.curves import plot_history
 from kdforge.files import write_json_atomic, write_text_atomic
-from kdforge.training.checkpoint import (claim_run_folder, empty_run_folder, latest_checkpoint, load_checkpoint,
-                                         save_checkpoint)
+from kdforge.training.checkpoint import (best_value, claim_run_folder, empty_run_folder, latest_checkpoint,
+                                         load_checkpoint, save_best, save_checkpoint)
 
 
 def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -115,6 +115,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     history = [entry for entry in history if entry["step"] <= start]  # drop what the crash outran
     write_text_atomic(history_path, "".join(json.dumps(e) + "\n" for e in history))
 
+    metric = task.selection_metric  # lower is better
+    best = best_value(out_dir)
     started = time.perf_counter()
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn())
@@ -134,6 +136,10 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             entry = {"step": done, "lr": scheduler.get_last_lr()[0], **step_terms}
             if done % settings.eval_every == 0 or done == settings.steps:
                 entry["eval"] = task.evaluate()
+                value = entry["eval"].get(metric)
+                if value is not None and (best is None or value < best):
+                    best = value
+                    save_best(out_dir, done, trainable, metric, value)
             history.append(entry)
             with history_path.open("a") as log:
                 log.write(json.dumps(entry) + "\n")

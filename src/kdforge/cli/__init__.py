@@ -6,7 +6,14 @@ print one line and exit with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Before transformers is imported: its per-load progress bars and advisory warnings (Whisper's
+# fixed-length windows need no attention mask) would bury kdforge's own output. A user's own
+# setting of either variable wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer
 

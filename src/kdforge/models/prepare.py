@@ -10,7 +10,6 @@ sha256 of every file, and preparing it again does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -19,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdforge.errors import KdforgeError
-from kdforge.files import check_new_folder
+from kdforge.files import check_new_folder, sha256_file
 from kdforge.home import kdforge_home
 from kdforge.models.ct2_whisper import convert_ct2_whisper, find_model_files
 from kdforge.models.gguf_import import check_gguf_file, convert_gguf
 from kdforge.models.registry import CHECKPOINTS, Checkpoint, get_checkpoint
 
 MANIFEST = "manifest.json"
-HASH_CHUNK_BYTES = 1 << 20
 
 
 def model_dir(name: str, home: str | Path | None = None) -> Path:
@@ -37,15 +35,6 @@ def model_dir(name: str, home: str | Path | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Manifest and atomic directories
 # ---------------------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def write_manifest(directory: Path, source: dict) -> None:
     """Write ``manifest.json``: ``source`` (what it was made from) and every file's sha256 and size."""

@@ -1,1 +1,1 @@
-"""Teachers: the ensemble's combined distribution (and, with the ASR work, the offline cache)."""
+"""Teachers: the ensemble's combined distribution and the offline teacher cache."""

@@ -1,0 +1,176 @@
+"""The offline teacher cache: what each teacher said about each utterance, stored once.
+
+Layout of a cache folder::
+
+    manifest.json                 identity of every teacher, its settings, the data, every shard
+    <teacher>/shard-00000.safetensors   tensors named "<utterance id>/<signal>"
+
+A teacher's entry in the manifest records the model (its folder and the sha256 of its weights),
+the settings it was run with (layers kept, top-k...; hashed), the data's fingerprint and, per shard,
+its file, sha256 and utterance ids. :class:`TeacherCache` refuses a cache whose model, settings or
+data differ from what the caller expects, naming the difference, and a shard whose checksum does
+not match; :func:`verify_cache` checks every shard. Shards are written to a temporary name and
+renamed into place, and the manifest last, so an interrupted build leaves no half-valid cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kdforge.errors import KdforgeError
+from kdforge.files import sha256_file, write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+def settings_hash(settings: dict) -> str:
+    """A stable hash of a teacher's cache settings (JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """sha256 over an audiofolder's ``metadata.csv`` and the name and size of every file it lists."""
+    data_dir = Path(data_dir)
+    digest = hashlib.sha256((data_dir / "metadata.csv").read_bytes())
+    for path in sorted(data_dir.iterdir()):
+        if path.is_file() and path.name != "metadata.csv":
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model_dir: str | Path) -> dict:
+    """A model folder's weights checksum (the ``*.safetensors`` files, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(sha256_file(path).encode())
+    return {"path": str(model_dir), "weights_sha256": digest.hexdigest()[:16]}
+
+
+@dataclass
+class TeacherShards:
+    """Writes one teacher's signals into shards of ``shard_size`` utterances."""
+
+    root: Path
+    name: str
+    shard_size: int = 256
+    shards: list[dict] = field(default_factory=list)
+    _pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    _pending_ids: list[str] = field(default_factory=list)
+
+    def add(self, utterance_id: str, signals: dict[str, torch.Tensor]) -> None:
+        """Queue an utterance's tensors (``signal name -> tensor``); full shards are written at once."""
+        if "/" in utterance_id:
+            raise KdforgeError(f"utterance id {utterance_id!r} may not contain '/'")
+        for signal, tensor in signals.items():
+            self._pending[f"{utterance_id}/{signal}"] = tensor.detach().contiguous().cpu()
+        self._pending_ids.append(utterance_id)
+        if len(self._pending_ids) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued utterances as the next shard (temporary name, then rename)."""
+        if not self._pending_ids:
+            return
+        folder = self.root / self.name
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"shard-{len(self.shards):05d}.safetensors"
+        temporary = final.with_name(f".{final.name}.tmp")
+        save_file(self._pending, temporary)
+        temporary.rename(final)
+        self.shards.append({"file": f"{self.name}/{final.name}", "sha256": sha256_file(final),
+                            "utterances": list(self._pending_ids)})
+        self._pending, self._pending_ids = {}, []
+
+
+def write_manifest(root: Path, data: str, teachers: dict[str, tuple[dict, dict, TeacherShards]]) -> None:
+    """Seal the cache: ``teachers`` maps a name to ``(model identity, settings, its written shards)``."""
+    entries = {}
+    for name, (identity, settings, shards) in teachers.items():
+        shards.flush()
+        entries[name] = {"model": identity, "settings": settings, "settings_hash": settings_hash(settings),
+                         "shards": shards.shards}
+    write_json_atomic(root / MANIFEST, {"version": 1, "data": data, "teachers": entries})
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KdforgeError(f"{root} is not a teacher cache (no {MANIFEST})") from None
+    except json.JSONDecodeError:
+        raise KdforgeError(f"{path} is damaged: rebuild the cache") from None
+
+
+def verify_cache(root: str | Path) -> int:
+    """Check every shard against the manifest; returns the number of shards.
+
+    Raises:
+        KdforgeError: naming the first missing or corrupted shard.
+    """
+    root = Path(root)
+    count = 0
+    for teacher in read_manifest(root)["teachers"].values():
+        for shard in teacher["shards"]:
+            path = root / shard["file"]
+            if not path.is_file():
+                raise KdforgeError(f"shard {shard['file']} is missing")
+            if sha256_file(path) != shard["sha256"]:
+                raise KdforgeError(f"shard {shard['file']} is corrupted (checksum differs from the manifest)")
+            count += 1
+    return count
+
+
+class TeacherCache:
+    """Reads teacher signals by utterance id, after checking the cache is the one expected.
+
+    Args:
+        root: the cache folder.
+        expected: teacher name -> ``(model folder, settings)`` the caller would run it with.
+        data: the training data's :func:`data_fingerprint`.
+
+    Raises:
+        KdforgeError: a teacher is missing, or its model, settings or the data differ (named).
+    """
+
+    def __init__(self, root: str | Path, expected: dict[str, tuple[str | Path, dict]], data: str):
+        self.root = Path(root)
+        manifest = read_manifest(self.root)
+        if manifest["data"] != data:
+            raise KdforgeError(f"the teacher cache {root} was built on other data (fingerprint "
+                               f"{manifest['data']}, the data now is {data}); rebuild it")
+        self.locations: dict[str, dict[str, dict]] = {}
+        for name, (model_dir, settings) in expected.items():
+            entry = manifest["teachers"].get(name)
+            if entry is None:
+                raise KdforgeError(f"the teacher cache {root} has no teacher {name!r}")
+            if entry["model"]["weights_sha256"] != model_identity(model_dir)["weights_sha256"]:
+                raise KdforgeError(f"the teacher cache {root} holds another model for {name!r} "
+                                   f"(cached {entry['model']['path']}, now {model_dir}); rebuild it")
+            if entry["settings_hash"] != settings_hash(settings):
+                changed = sorted(k for k in {*settings, *entry["settings"]} if settings.get(k) != entry["settings"].get(k))
+                raise KdforgeError(f"the teacher cache {root} was built for {name!r} with other settings "
+                                   f"({', '.join(changed)} differ); rebuild it")
+            self.locations[name] = {utterance: shard for shard in entry["shards"] for utterance in shard["utterances"]}
+        self._checked: set[str] = set()
+
+    def signals(self, teacher: str, utterance_id: str) -> dict[str, torch.Tensor]:
+        """Every cached tensor of one teacher for one utterance, by signal name."""
+        shard = self.locations[teacher].get(utterance_id)
+        if shard is None:
+            raise KdforgeError(f"the teacher cache has nothing from {teacher!r} for utterance {utterance_id!r}")
+        path = self.root / shard["file"]
+        if shard["file"] not in self._checked:  # each shard's checksum once per reader
+            if not path.is_file() or sha256_file(path) != shard["sha256"]:
+                raise KdforgeError(f"shard {shard['file']} is missing or corrupted; run `kdforge cache verify`")
+            self._checked.add(shard["file"])
+        prefix = f"{utterance_id}/"
+        with safe_open(path, framework="pt") as handle:
+            return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}

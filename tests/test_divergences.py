@@ -199,6 +199,7 @@ def test_vocabulary_mismatch_is_refused_with_both_sizes():
     lambda s, t: forward_kl(s, t, temperature=0.0),
     lambda s, t: forward_kl(s, t, torch.ones(3, dtype=torch.bool)),
     lambda s, t: forward_kl(s, t, chunk_size=0),
+    lambda s, t: forward_kl(s, t, position_weights=torch.ones(3)),
     lambda s, t: category_logprobs(s, TopKTeacher.from_logits(t, 2), 1.0, "drop"),
 ])
 def test_bad_arguments_are_refused(call):

@@ -98,7 +98,9 @@ class CTCRecognizer:
         self.tokenizer = tokenizer
         self.extractor = extractor
         self.sampling_rate = extractor.sampling_rate
-        self.frame_stack = model.config.kdforge_frame_stack
+        from kdforge.models.ctc import frame_stack_of
+
+        self.frame_stack = frame_stack_of(model)
 
     def transcribe(self, batch: list[np.ndarray]) -> list[str]:
         """Texts of ``batch`` (each ``(samples,)`` float32 at 16 kHz)."""

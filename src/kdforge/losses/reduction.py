@@ -163,6 +163,8 @@ def objective_loss(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if position_weights is not None and position_weights.shape != leading:
+        raise ValueError(f"position_weights has shape {tuple(position_weights.shape)}, expected {tuple(leading)}")
     rows = valid_rows(leading, mask, student_logits.device)
     weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])

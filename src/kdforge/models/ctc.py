@@ -62,6 +62,19 @@ def build_ctc_model(out_dir: str | Path, size: str = "small", frame_stack: int =
     return out_dir
 
 
+def frame_stack_of(model) -> int:
+    """The frame stacking a kdforge CTC model was built with.
+
+    Raises:
+        KdforgeError: a Wav2Vec2-BERT model that kdforge did not build (no ``kdforge_frame_stack``).
+    """
+    stack = getattr(model.config, "kdforge_frame_stack", None)
+    if stack is None:
+        raise KdforgeError(f"{model.config.name_or_path or 'this model'} is not a kdforge CTC model "
+                           "(no kdforge_frame_stack in its config): create one with `kdforge models init-ctc`")
+    return stack
+
+
 def log_mel(extractor: WhisperFeatureExtractor, audio: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     """Whisper's normalised 80-bin log-mel of a batch, padded to the longest utterance.
 

@@ -128,7 +128,7 @@ class CTCTask:
     def __init__(self, config, work_dir: Path):
         from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
 
-        from kdforge.models.ctc import CHARACTERS
+        from kdforge.models.ctc import CHARACTERS, frame_stack_of
 
         self.config = config
         if config.teachers:
@@ -137,7 +137,7 @@ class CTCTask:
         self.student.train()
         self.tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(config.student.path)
         self.extractor = WhisperFeatureExtractor.from_pretrained(config.student.path)
-        self.frame_stack = self.student.config.kdforge_frame_stack
+        self.frame_stack = frame_stack_of(self.student)
         records, self.audio = read_training_audio(config.data.train)
         for record in records:
             outside = sorted(set(record.transcription.replace(" ", "")) - set(CHARACTERS))

@@ -245,3 +245,25 @@ def test_the_best_evaluation_is_kept(tiny, tmp_path):
     assert kept == sorted([f"best-step-{best_step:07d}", "step-0000004"])
     state = json.loads((tmp_path / "run" / "checkpoints" / f"best-step-{best_step:07d}" / "state.json").read_text())
     assert state["value"] == min(entry["eval"]["ppl"] for entry in history)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import kdforge.training.checkpoint as checkpoint
+
+    real_save = checkpoint.save_file
+    writes = {"n": 0}
+
+    def disk_fills_at_the_second_checkpoint(tensors, path):
+        writes["n"] += 1
+        if writes["n"] > 3:  # the first checkpoint writes 3 files
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_at_the_second_checkpoint)
+    with pytest.raises(KdforgeError, match=r"could not write checkpoint step-0000004 \(No space left on device\)"):
+        train(config_for(tiny, steps=6), tmp_path / "run", show_progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-0000002"]  # complete, and no half-written folder beside it
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").exists()

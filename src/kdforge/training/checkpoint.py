@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,29 +106,45 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
-def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``."""
+def _write_checkpoint_folder(out_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Build ``checkpoints/<name>`` under a temporary name with ``write(folder)``, flush it, rename it.
+
+    Raises:
+        KdforgeError: the disk refused (full, read-only...): the earlier checkpoints are untouched.
+    """
     root = out_dir / CHECKPOINTS
     root.mkdir(exist_ok=True)
-    final = root / f"step-{step:07d}"
-    temporary = root / f".tmp-step-{step:07d}"
+    final, temporary = root / name, root / f".tmp-{name}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
-        save_file({k: v.detach().contiguous() for k, v in trainable.items()}, temporary / "trainable.safetensors")
-        optimizer_tensors, optimizer_rest = _optimizer_payload(optimizer)
-        save_file(optimizer_tensors, temporary / "optimizer.safetensors")
-        save_file(_rng_states(), temporary / "rng.safetensors")
-        write_json_atomic(temporary / "state.json", {"step": step, "optimizer": optimizer_rest,
-                                                     "scheduler": scheduler.state_dict()})
+        write(temporary)
         _flush_folder(temporary)
         temporary.rename(final)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise KdforgeError(f"could not write checkpoint {final.name} ({error.strerror}); "
-                           "the previous checkpoint is intact") from None
-    for old in sorted(root.glob("step-*"))[:-keep]:
+        raise KdforgeError(f"could not write checkpoint {name} ({error.strerror}); the earlier ones are intact") from None
+    return final
+
+
+def _save_weights(folder: Path, trainable: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous() for k, v in trainable.items()}, folder / "trainable.safetensors")
+
+
+def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``."""
+
+    def write(folder: Path) -> None:
+        _save_weights(folder, trainable)
+        optimizer_tensors, optimizer_rest = _optimizer_payload(optimizer)
+        save_file(optimizer_tensors, folder / "optimizer.safetensors")
+        save_file(_rng_states(), folder / "rng.safetensors")
+        write_json_atomic(folder / "state.json", {"step": step, "optimizer": optimizer_rest,
+                                                  "scheduler": scheduler.state_dict()})
+
+    final = _write_checkpoint_folder(out_dir, f"step-{step:07d}", write)
+    for old in sorted(final.parent.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return final
 
@@ -137,21 +154,13 @@ def save_best(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], metr
 
     The new folder is complete before the previous best is removed, so one always exists.
     """
-    root = out_dir / CHECKPOINTS
-    root.mkdir(exist_ok=True)
-    final = root / f"best-step-{step:07d}"
-    temporary = root / f".tmp-best-step-{step:07d}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        save_file({k: v.detach().contiguous() for k, v in trainable.items()}, temporary / "trainable.safetensors")
-        write_json_atomic(temporary / "state.json", {"step": step, "metric": metric, "value": value})
-        _flush_folder(temporary)
-        temporary.rename(final)
-    except OSError as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise KdforgeError(f"could not write the best checkpoint ({error.strerror}); the previous one is intact") from None
-    for old in root.glob("best-step-*"):
+
+    def write(folder: Path) -> None:
+        _save_weights(folder, trainable)
+        write_json_atomic(folder / "state.json", {"step": step, "metric": metric, "value": value})
+
+    final = _write_checkpoint_folder(out_dir, f"best-step-{step:07d}", write)
+    for old in final.parent.glob("best-step-*"):
         if old != final:
             shutil.rmtree(old)
     return final

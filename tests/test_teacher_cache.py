@@ -101,3 +101,51 @@ def test_corrupted_or_missing_shards_are_named(world):
         verify_cache(tmp_path / "cache")
     with pytest.raises(KdforgeError, match="not a teacher cache"):
         verify_cache(tmp_path)
+
+
+def test_built_cache_holds_what_the_teachers_compute_online(tiny_whisper, speech, tmp_path):
+    from kdforge.data.audio import load_audio, read_metadata
+    from kdforge.evaluation.recognizers import load_recognizer
+    from kdforge.models.ctc import build_ctc_model, stacked_log_mel
+    from kdforge.models.loading import load_whisper
+    from kdforge.teachers.build import build_cache
+
+    ctc = build_ctc_model(tmp_path / "ctc", size="tiny")
+    teachers = {"whisper": tiny_whisper, "ctc": ctc}
+    layers = {"whisper": [0, 1], "ctc": [1]}
+    build_cache(teachers, speech, tmp_path / "one", layers, top_k=4, batch_size=3, workers=1)
+    assert verify_cache(tmp_path / "one") == 2 * 1  # 7 utterances fit one shard per teacher
+    settings = {name: (path, {"layers": layers[name], "top_k": 4}) for name, path in teachers.items()}
+    cache = TeacherCache(tmp_path / "one", settings, data_fingerprint(speech))
+
+    record = read_metadata(speech)[2]
+    audio = load_audio(record.path)
+    model, processor = load_whisper(tiny_whisper)
+    features = processor.feature_extractor([audio], sampling_rate=16_000, return_tensors="pt").input_features
+    with torch.no_grad():
+        encoded = model.model.encoder(features, output_hidden_states=True)
+    cached = cache.signals("whisper", record.id)
+    frames = cached["hidden.1"].shape[0]
+    assert frames == -(-len(audio) // 320)  # 20 ms encoder frames of this utterance only
+    torch.testing.assert_close(cached["hidden.1"], encoded.hidden_states[1][0, :frames].half())
+    ids = processor.tokenizer(" " + record.transcription).input_ids
+    assert cached["label_ids"].tolist() == ids[2:]  # the text and end token after the 2-token prompt
+    with torch.no_grad():
+        logits = model(encoder_outputs=(encoded.last_hidden_state,), decoder_input_ids=torch.tensor([ids[:-1]])).logits[0, 1:]
+    student = torch.randn_like(logits)
+    online = TopKTeacher.from_logits(logits, 4)
+    stored = TopKTeacher(cached["topk_ids"], cached["topk_logprobs"], cached["tail_logprob"])
+    assert forward_kl(student, stored).item() == pytest.approx(forward_kl(student, online).item(), rel=1e-6)
+    transcript = load_recognizer(tiny_whisper).transcribe([audio])[0]
+    assert bytes(cached["pseudo_label"].tolist()).decode() == transcript
+
+    ctc_cached = cache.signals("ctc", record.id)
+    features, mask = stacked_log_mel(processor.feature_extractor, [audio], 4)
+    assert ctc_cached["hidden.1"].shape[0] == ctc_cached["topk_ids"].shape[0] == int(mask.sum())
+
+    build_cache(teachers, speech, tmp_path / "two", layers, top_k=4, batch_size=3, workers=2)
+    parallel = TeacherCache(tmp_path / "two", settings, data_fingerprint(speech))
+    for name in teachers:
+        for utterance in read_metadata(speech):
+            a, b = cache.signals(name, utterance.id), parallel.signals(name, utterance.id)
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

@@ -149,3 +149,29 @@ def test_built_cache_holds_what_the_teachers_compute_online(tiny_whisper, speech
         for utterance in read_metadata(speech):
             a, b = cache.signals(name, utterance.id), parallel.signals(name, utterance.id)
             assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_cli_builds_from_a_config_and_verify_names_a_bad_shard(tiny_whisper, speech, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "asr", "teachers": [{"path": str(tiny_whisper), "name": "tiny", "layers": [1]}],
+        "student": {"path": str(tiny_whisper)}, "data": {"train": str(speech)},
+        "objective": {"name": "kl"}, "cache": {"top_k": 3}}))
+    run = [sys.executable, "-m", "kdforge", "cache"]
+    done = subprocess.run([*run, str(config), "--out", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout.strip().splitlines()[-1])["teacher_seconds"]) == {"tiny"}
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["teachers"]["tiny"]["settings"] == {"layers": [1], "top_k": 3}
+    done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "1 shards match" in done.stdout
+    shard = tmp_path / "cache" / "tiny" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes() + b"x")
+    done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "kdforge: error: shard tiny/shard-00000.safetensors is corrupted (checksum differs from the manifest)"

@@ -37,7 +37,14 @@ class StrictModel(BaseModel):
 
 class TeacherConfig(StrictModel):
     path: ModelPath = Field(description="A Hugging Face model directory.")
+    name: str | None = Field(None, description="The teacher's name in caches and results; default: the folder's name.")
     weight: float = Field(1.0, gt=0, description="Weight of this teacher's probabilities in the ensemble mean.")
+    layers: list[int] | None = Field(None, description="Encoder hidden states to cache for the projection mapping "
+                                     "(0 = the input embedding); default: the last layer.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.name
 
 
 class LoraConfig(StrictModel):
@@ -129,6 +136,11 @@ class TrainingConfig(StrictModel):
         return self
 
 
+class CacheConfig(StrictModel):
+    top_k: int = Field(32, ge=1, description="Next-token (or frame) probabilities kept per position, with the tail mass.")
+    batch_size: int = Field(8, ge=1, description="Utterances a teacher processes together.")
+
+
 class RunConfig(StrictModel):
     task: Literal["lm", "asr"] = Field(description="'lm' (causal language models) or 'asr' (speech recognition).")
     teachers: list[TeacherConfig] = Field(default_factory=list, description="Empty for plain fine-tuning.")
@@ -137,6 +149,7 @@ class RunConfig(StrictModel):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig, description="Speech options (task: asr).")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="What `kdforge cache` stores per teacher.")
 
     @model_validator(mode="after")
     def _terms_and_teachers(self) -> "RunConfig":
@@ -146,6 +159,9 @@ class RunConfig(StrictModel):
             raise ValueError("no loss term is active: set objective.ce_weight, or a base objective or rlkd with a weight")
         if distils and not self.teachers:
             raise ValueError("the objective distils from teachers, but 'teachers' is empty")
+        names = [teacher.label for teacher in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two teachers share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}: set 'name'")
         return self
 
 

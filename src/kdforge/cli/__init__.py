@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer
 
 from kdforge.cli import bench, demo
+from kdforge.cli import cache as cache_cli
 from kdforge.cli import data as data_cli
 from kdforge.cli import evaluate as evaluate_cli
 from kdforge.cli import imports, models
@@ -33,6 +34,7 @@ app.command("eval")(evaluate_cli.eval_command)
 app.add_typer(models.app, name="models")
 app.add_typer(imports.app, name="import")
 app.command("train")(train_cli.train_command)
+app.command("cache")(cache_cli.cache_command)
 app.add_typer(train_cli.student_app, name="student")
 
 

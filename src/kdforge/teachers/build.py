@@ -147,3 +147,19 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
         written[name] = (identity, {"layers": layers[name], "top_k": top_k}, teacher)
     write_manifest(out, data_fingerprint(data_dir), written)
     return {"seconds": time.perf_counter() - started, "teacher_seconds": {r[0]: r[3] for r in results}}
+
+
+def last_encoder_layer(model_dir: str | Path) -> int:
+    """The hidden-state index of a model's last encoder layer (0 is its input embedding)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config.encoder_layers if config.model_type == "whisper" else config.num_hidden_layers
+
+
+def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
+    """:func:`build_cache` for the teachers, training data and ``cache`` settings of a run config."""
+    teachers = {teacher.label: teacher.path for teacher in config.teachers}
+    layers = {teacher.label: teacher.layers or [last_encoder_layer(teacher.path)] for teacher in config.teachers}
+    return build_cache(teachers, config.data.train, out, layers, top_k=config.cache.top_k,
+                       batch_size=config.cache.batch_size, workers=workers)

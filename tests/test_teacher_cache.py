@@ -115,7 +115,7 @@ def test_built_cache_holds_what_the_teachers_compute_online(tiny_whisper, speech
     layers = {"whisper": [0, 1], "ctc": [1]}
     build_cache(teachers, speech, tmp_path / "one", layers, top_k=4, batch_size=3, workers=1)
     assert verify_cache(tmp_path / "one") == 2 * 1  # 7 utterances fit one shard per teacher
-    settings = {name: (path, {"layers": layers[name], "top_k": 4}) for name, path in teachers.items()}
+    settings = {name: (path, {"layers": layers[name], "top_k": 4, "audio_ctx": None}) for name, path in teachers.items()}
     cache = TeacherCache(tmp_path / "one", settings, data_fingerprint(speech))
 
     record = read_metadata(speech)[2]
@@ -167,7 +167,7 @@ def test_cli_builds_from_a_config_and_verify_names_a_bad_shard(tiny_whisper, spe
     assert done.returncode == 0, done.stderr
     assert set(json.loads(done.stdout.strip().splitlines()[-1])["teacher_seconds"]) == {"tiny"}
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["teachers"]["tiny"]["settings"] == {"layers": [1], "top_k": 3}
+    assert manifest["teachers"]["tiny"]["settings"] == {"layers": [1], "top_k": 3, "audio_ctx": None}
     done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "1 shards match" in done.stdout
     shard = tmp_path / "cache" / "tiny" / "shard-00000.safetensors"
@@ -175,3 +175,16 @@ def test_cli_builds_from_a_config_and_verify_names_a_bad_shard(tiny_whisper, spe
     done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "kdforge: error: shard tiny/shard-00000.safetensors is corrupted (checksum differs from the manifest)"
+
+
+def test_audio_ctx_cuts_whisper_teachers_window(tiny_whisper, speech, tmp_path):
+    from kdforge.data.audio import load_audio, read_metadata
+    from kdforge.teachers.build import build_cache
+
+    build_cache({"w": tiny_whisper}, speech, tmp_path / "cache", {"w": [1]}, top_k=2, audio_ctx=25)
+    cache = TeacherCache(tmp_path / "cache", {"w": (tiny_whisper, {"layers": [1], "top_k": 2, "audio_ctx": 25})},
+                         data_fingerprint(speech))
+    lengths = {r.id: len(load_audio(r.path)) for r in read_metadata(speech)}
+    longest = max(lengths, key=lengths.get)
+    assert lengths[longest] > 16_000 // 2  # longer than the 0.5 s window
+    assert cache.signals("w", longest)["hidden.1"].shape[0] == 25

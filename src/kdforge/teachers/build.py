@@ -89,7 +89,7 @@ def ctc_signals(model, tokenizer, extractor, audio: list[np.ndarray], layers: li
 
 
 def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int,
-                  batch_size: int, threads: int) -> tuple[str, dict, list[dict], float]:
+                  batch_size: int, threads: int, audio_ctx: int | None = None) -> tuple[str, dict, list[dict], float]:
     """Run one teacher over the audiofolder into ``root/<name>``; returns its manifest pieces and seconds."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -106,7 +106,7 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
     else:
         from kdforge.models.loading import load_whisper
 
-        model, processor = load_whisper(model_dir)
+        model, processor = load_whisper(model_dir, audio_ctx)
 
         def signals(batch_audio, texts):
             return whisper_signals(model, processor, batch_audio, texts, layers, k)
@@ -119,8 +119,11 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
 
 
 def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str | Path, layers: dict[str, list[int]],
-                top_k: int = 32, batch_size: int = 8, workers: int = 1) -> dict:
+                top_k: int = 32, batch_size: int = 8, workers: int = 1, audio_ctx: int | None = None) -> dict:
     """Cache every teacher's signals over ``data_dir`` into ``out``; ``workers`` teachers run at once.
+
+    ``audio_ctx`` cuts Whisper teachers' window (it is part of the cached settings: other windows
+    give other hidden states).
 
     Returns:
         ``{"seconds": wall time, "teacher_seconds": {name: seconds}}``.
@@ -131,7 +134,7 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     out.mkdir(parents=True, exist_ok=True)
     read_metadata(data_dir)  # a bad audiofolder fails here, before any process starts
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(name, str(path), str(data_dir), str(out), layers[name], top_k, batch_size, threads)
+    jobs = [(name, str(path), str(data_dir), str(out), layers[name], top_k, batch_size, threads, audio_ctx)
             for name, path in teachers.items()]
     started = time.perf_counter()
     if workers == 1:
@@ -144,7 +147,7 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     for name, identity, shards, _ in results:
         teacher = TeacherShards(out, name)
         teacher.shards = shards
-        written[name] = (identity, {"layers": layers[name], "top_k": top_k}, teacher)
+        written[name] = (identity, {"layers": layers[name], "top_k": top_k, "audio_ctx": audio_ctx}, teacher)
     write_manifest(out, data_fingerprint(data_dir), written)
     return {"seconds": time.perf_counter() - started, "teacher_seconds": {r[0]: r[3] for r in results}}
 
@@ -162,4 +165,4 @@ def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
     teachers = {teacher.label: teacher.path for teacher in config.teachers}
     layers = {teacher.label: teacher.layers or [last_encoder_layer(teacher.path)] for teacher in config.teachers}
     return build_cache(teachers, config.data.train, out, layers, top_k=config.cache.top_k,
-                       batch_size=config.cache.batch_size, workers=workers)
+                       batch_size=config.cache.batch_size, workers=workers, audio_ctx=config.audio.audio_ctx)

@@ -41,7 +41,8 @@ def _text_bytes(text: str) -> Tensor:
 
 
 def _top_k_fields(logits: Tensor, k: int) -> dict[str, Tensor]:
-    sparse = TopKTeacher.from_logits(logits, k)
+    """The :class:`TopKTeacher` fields of ``logits (n, V)``; a vocabulary of V <= k is kept whole."""
+    sparse = TopKTeacher.from_logits(logits, min(k, logits.shape[-1]))
     return {"topk_ids": sparse.indices, "topk_logprobs": sparse.logprobs, "tail_logprob": sparse.tail_logprob}
 
 

@@ -114,7 +114,7 @@ def test_built_cache_holds_what_the_teachers_compute_online(tiny_whisper, speech
     teachers = {"whisper": tiny_whisper, "ctc": ctc}
     layers = {"whisper": [0, 1], "ctc": [1]}
     build_cache(teachers, speech, tmp_path / "one", layers, top_k=4, batch_size=3, workers=1)
-    assert verify_cache(tmp_path / "one") == 2 * 1  # 7 utterances fit one shard per teacher
+    assert verify_cache(tmp_path / "one") == 3  # 7 utterances fit one shard per teacher, and the ensemble's
     settings = {name: (path, {"layers": layers[name], "top_k": 4, "audio_ctx": None}) for name, path in teachers.items()}
     cache = TeacherCache(tmp_path / "one", settings, data_fingerprint(speech))
 
@@ -188,3 +188,24 @@ def test_audio_ctx_cuts_whisper_teachers_window(tiny_whisper, speech, tmp_path):
     longest = max(lengths, key=lengths.get)
     assert lengths[longest] > 16_000 // 2  # longer than the 0.5 s window
     assert cache.signals("w", longest)["hidden.1"].shape[0] == 25
+
+
+def test_the_ensemble_pseudo_label_is_the_consensus_of_the_teachers(world):
+    from kdforge.teachers.build import ensemble_pseudo_labels
+    from kdforge.teachers.cache import ENSEMBLE, read_manifest
+
+    tmp_path, teachers, data, signals = world
+    said = {"a": ["the cat", "a dog", "one"], "b": ["the cat", "a fog", "two"], "c": ["the hat", "a fog", "three"]}
+    written = {}
+    for name, texts in said.items():
+        shards = TeacherShards(tmp_path / "cache", name, shard_size=2)
+        for index, text in enumerate(texts):
+            shards.add(f"u{index}", {"pseudo_label": torch.tensor(list(text.encode()), dtype=torch.uint8)})
+        shards.flush()
+        written[name] = ({"weights_sha256": name}, {}, shards)
+    written[ENSEMBLE] = ({"members": sorted(said)}, {}, ensemble_pseudo_labels(tmp_path / "cache", written))
+    write_manifest(tmp_path / "cache", data_fingerprint(data), written)
+    assert set(read_manifest(tmp_path / "cache")["teachers"]) == {"a", "b", "c", ENSEMBLE}
+    cache = TeacherCache(tmp_path / "cache", {}, data_fingerprint(data))
+    labels = [bytes(cache.signals(ENSEMBLE, f"u{i}")["pseudo_label"].tolist()).decode() for i in range(3)]
+    assert labels == ["the cat", "a fog", "one"]  # majority, majority, and a three-way tie to the first

@@ -13,7 +13,10 @@ Per teacher and utterance (:mod:`kdforge.teachers.cache` stores them):
   frames instead of tokens.
 
 Teachers are independent, so ``workers`` processes take one teacher each at a time; each process
-uses ``cores // workers`` torch threads.
+uses ``cores // workers`` torch threads. Once all have run, the cache also holds the ensemble's own
+transcript of every utterance under the name ``ensemble``: the minimum-Bayes-risk choice among the
+teachers' pseudo-labels (:func:`kdforge.evaluation.ensemble.minimum_bayes_risk`), the label the
+student learns from where the audio has no transcript.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from kdforge.data.audio import read_metadata
 from kdforge.losses import TopKTeacher
 from kdforge.models.loading import decoder_prompt_length, model_type_of
 from kdforge.tasks.asr import read_training_audio
-from kdforge.teachers.cache import TeacherShards, data_fingerprint, model_identity, write_manifest
+from kdforge.teachers.cache import ENSEMBLE, TeacherShards, data_fingerprint, model_identity, write_manifest
 
 
 def _text_bytes(text: str) -> Tensor:
@@ -149,8 +152,30 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
         teacher = TeacherShards(out, name)
         teacher.shards = shards
         written[name] = (identity, {"layers": layers[name], "top_k": top_k, "audio_ctx": audio_ctx}, teacher)
+    if len(teachers) > 1:
+        written[ENSEMBLE] = ({"members": sorted(teachers)}, {}, ensemble_pseudo_labels(out, written))
     write_manifest(out, data_fingerprint(data_dir), written)
     return {"seconds": time.perf_counter() - started, "teacher_seconds": {r[0]: r[3] for r in results}}
+
+
+def ensemble_pseudo_labels(root: Path, written: dict[str, tuple]) -> TeacherShards:
+    """Shards of the ensemble's transcript per utterance: the MBR choice among the teachers' own."""
+    from safetensors import safe_open
+
+    from kdforge.evaluation.ensemble import minimum_bayes_risk
+
+    transcripts: dict[str, list[str]] = {}
+    for _, _, shards in written.values():
+        for shard in shards.shards:
+            with safe_open(root / shard["file"], framework="pt") as handle:
+                for utterance in shard["utterances"]:
+                    text = bytes(handle.get_tensor(f"{utterance}/pseudo_label").tolist()).decode("utf-8")
+                    transcripts.setdefault(utterance, []).append(text)
+    ensemble = TeacherShards(root, ENSEMBLE)
+    for utterance, options in transcripts.items():
+        ensemble.add(utterance, {"pseudo_label": _text_bytes(options[minimum_bayes_risk(options)])})
+    ensemble.flush()
+    return ensemble
 
 
 def last_encoder_layer(model_dir: str | Path) -> int:

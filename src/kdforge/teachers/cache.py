@@ -28,6 +28,8 @@ from kdforge.errors import KdforgeError
 from kdforge.files import sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
+#: The entry holding the ensemble's transcript of each utterance (built from the teachers' own).
+ENSEMBLE = "ensemble"
 
 
 def settings_hash(settings: dict) -> str:
@@ -136,6 +138,8 @@ class TeacherCache:
         expected: teacher name -> ``(model folder, settings)`` the caller would run it with.
         data: the training data's :func:`data_fingerprint`.
 
+    The ensemble's transcripts, when the cache has them, are read as teacher :data:`ENSEMBLE`.
+
     Raises:
         KdforgeError: a teacher is missing, or its model, settings or the data differ (named).
     """
@@ -151,15 +155,21 @@ class TeacherCache:
             entry = manifest["teachers"].get(name)
             if entry is None:
                 raise KdforgeError(f"the teacher cache {root} has no teacher {name!r}")
-            if entry["model"]["weights_sha256"] != model_identity(model_dir)["weights_sha256"]:
+            if entry["model"].get("weights_sha256") != model_identity(model_dir)["weights_sha256"]:
                 raise KdforgeError(f"the teacher cache {root} holds another model for {name!r} "
                                    f"(cached {entry['model']['path']}, now {model_dir}); rebuild it")
             if entry["settings_hash"] != settings_hash(settings):
                 changed = sorted(k for k in {*settings, *entry["settings"]} if settings.get(k) != entry["settings"].get(k))
                 raise KdforgeError(f"the teacher cache {root} was built for {name!r} with other settings "
                                    f"({', '.join(changed)} differ); rebuild it")
-            self.locations[name] = {utterance: shard for shard in entry["shards"] for utterance in shard["utterances"]}
+            self.locations[name] = self._index(entry)
+        if ENSEMBLE in manifest["teachers"]:
+            self.locations[ENSEMBLE] = self._index(manifest["teachers"][ENSEMBLE])
         self._checked: set[str] = set()
+
+    @staticmethod
+    def _index(entry: dict) -> dict[str, dict]:
+        return {utterance: shard for shard in entry["shards"] for utterance in shard["utterances"]}
 
     def signals(self, teacher: str, utterance_id: str) -> dict[str, torch.Tensor]:
         """Every cached tensor of one teacher for one utterance, by signal name."""

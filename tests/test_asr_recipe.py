@@ -11,14 +11,18 @@ from kdforge.tasks.asr import WhisperTask
 from kdforge.training.loop import train
 
 
-def asr_config(model_dir, data_dir, **training):
+SHORT_WINDOW = {"audio_ctx": 50, "spec_augment": {"time_masks": 1, "time_width": 5, "freq_masks": 1, "freq_width": 4}}
+
+
+def asr_config(model_dir, data_dir, audio=SHORT_WINDOW, steps=40, lr=3e-2):
+    """Labels only, evaluated on the training folder; the tiny Whisper gets a 1 s window by default."""
     return parse_config({
         "task": "asr",
         "student": {"path": str(model_dir)},
         "data": {"train": str(data_dir), "eval": str(data_dir)},
         "objective": {"name": "none", "ce_weight": 1.0},
-        "audio": {"audio_ctx": 50, "spec_augment": {"time_masks": 1, "time_width": 5, "freq_masks": 1, "freq_width": 4}},
-        "training": {"steps": 40, "batch_size": 4, "lr": 3e-2, "eval_every": 40, "checkpoint_every": 100, **training},
+        "audio": audio,
+        "training": {"steps": steps, "batch_size": 4, "lr": lr, "eval_every": steps, "checkpoint_every": 100},
     })
 
 
@@ -85,14 +89,8 @@ def test_spec_augment_masks_bands_with_the_utterance_mean():
         assert torch.allclose(padded[row][changed], features[row, :, :frames].mean().expand(int(changed.sum())))
 
 
-def ctc_config(model_dir, data_dir, **training):
-    return parse_config({
-        "task": "asr",
-        "student": {"path": str(model_dir)},
-        "data": {"train": str(data_dir), "eval": str(data_dir)},
-        "objective": {"name": "none", "ce_weight": 1.0},
-        "training": {"steps": 60, "batch_size": 4, "lr": 2e-2, "eval_every": 60, "checkpoint_every": 100, **training},
-    })
+def ctc_config(model_dir, data_dir):
+    return asr_config(model_dir, data_dir, audio={}, steps=60, lr=2e-2)
 
 
 def test_ctc_model_runs_at_its_own_frame_rate_and_learns(speech, tmp_path):

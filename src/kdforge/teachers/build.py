@@ -50,10 +50,9 @@ def _top_k_fields(logits: Tensor, k: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str], layers: list[int], k: int) -> list[dict]:
-    """The cached signals of a Whisper teacher for one batch (see the module docstring)."""
-    from kdforge.evaluation.recognizers import WhisperRecognizer
-
+def whisper_signals(recognizer, audio: list[np.ndarray], texts: list[str], layers: list[int], k: int) -> list[dict]:
+    """The cached signals of a Whisper teacher (a :class:`WhisperRecognizer`) for one batch."""
+    model, processor = recognizer.model, recognizer.processor
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
     encoded = model.model.encoder(features, output_hidden_states=True)
@@ -63,7 +62,7 @@ def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str],
     for row, ids in enumerate(labels):
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
     logits = model(encoder_outputs=(encoded.last_hidden_state,), decoder_input_ids=inputs).logits
-    pseudo = WhisperRecognizer(model, processor).transcribe(audio)
+    pseudo = recognizer.transcribe(audio)
     prompt = decoder_prompt_length(tokenizer)
     window = features.shape[-1] // 2
     out = []
@@ -108,12 +107,13 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
         def signals(batch_audio, texts):
             return ctc_signals(model, tokenizer, extractor, batch_audio, layers, k)
     else:
+        from kdforge.evaluation.recognizers import WhisperRecognizer
         from kdforge.models.loading import load_whisper
 
-        model, processor = load_whisper(model_dir, audio_ctx)
+        recognizer = WhisperRecognizer(*load_whisper(model_dir, audio_ctx))
 
         def signals(batch_audio, texts):
-            return whisper_signals(model, processor, batch_audio, texts, layers, k)
+            return whisper_signals(recognizer, batch_audio, texts, layers, k)
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         for record, tensors in zip(batch, signals(audio[start : start + batch_size], [r.transcription for r in batch])):

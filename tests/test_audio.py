@@ -85,3 +85,15 @@ def test_audiofolder_errors_name_the_problem(tmp_path):
     write_folder(tmp_path / "gone", ["a.wav,hello"])
     with pytest.raises(KdforgeError, match="missing file"):
         read_metadata(tmp_path / "gone")
+
+
+def test_the_labelled_part_ignores_file_order_and_grows_by_adding():
+    from kdforge.data.audio import AudioRecord, labelled_ids
+
+    records = [AudioRecord(f"{i:04d}.wav", None, "text") for i in range(50)]
+    ten = labelled_ids(records, 10)
+    assert len(ten) == 10 and labelled_ids(records[::-1], 10) == ten
+    assert ten < labelled_ids(records, 20)
+    assert labelled_ids(records, None) == {r.id for r in records}
+    with pytest.raises(KdforgeError, match="data.labelled is 51 but the training set has 50"):
+        labelled_ids(records, 51)

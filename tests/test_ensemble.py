@@ -77,3 +77,21 @@ def test_cli_decodes_an_ensemble_and_ends_with_its_json(tiny_whisper, speech):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert [m["wer"] for m in summary["members"]] == [summary["wer"]] * 2  # identical members: same answers
     assert summary["disagreement"][0]["hypotheses_differ"] == 0.0 and summary["n"] == len(read_metadata(speech))
+
+
+def test_teacher_benchmark_rows_agree_with_single_evaluations(tiny_whisper, speech, tmp_path):
+    from kdforge.benchmarks import asr_teachers
+    from kdforge.evaluation.runner import evaluate
+    from kdforge.models.ctc import build_ctc_model
+
+    ctc = build_ctc_model(tmp_path / "ctc", size="tiny")
+    report = asr_teachers.run({"w": [tiny_whisper, tiny_whisper], "c": [ctc, ctc]}, {"w0": tiny_whisper}, speech,
+                              tmp_path / "out")
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["zeroshot:w0", "teacher:w", "teacher:c", "ensemble"]
+    alone = evaluate(ctc, speech, progress=False)
+    assert rows["teacher:c"]["wer"]["values"] == [alone["wer"], alone["wer"]] and rows["teacher:c"]["wer"]["std"] == 0
+    assert [(p["a"], p["b"]) for p in report["disagreement"]] == [("w", "c")]
+    assert report["ensemble_beats_best_member"] == (rows["ensemble"]["wer"]["mean"] < min(
+        rows["teacher:w"]["wer"]["mean"], rows["teacher:c"]["wer"]["mean"]))
+    assert "| ensemble | 2 |" in (tmp_path / "out" / "teachers.md").read_text()

@@ -11,7 +11,7 @@ from kdforge.data import arithmetic
 from kdforge.data.lm import read_jsonl
 from kdforge.errors import KdforgeError
 from kdforge.models.tiny import build_tiny_lm, train_tokenizer
-from kdforge.student.init import init_causal_lm_student, maximally_spaced
+from kdforge.student.init import init_student, maximally_spaced
 from kdforge.tasks.lm import collate, encode_record
 from kdforge.teachers.ensemble import ensemble_logprobs
 from kdforge.training.loop import batch_indices, train
@@ -180,7 +180,7 @@ def test_vocabulary_mismatch_names_both_sizes(tiny, tmp_path):
 
 
 def test_student_keeps_the_chosen_teacher_layers(tiny, tmp_path):
-    init_causal_lm_student(tiny["teacher"], tmp_path / "student", layers=[0, 2, 3])
+    init_student(tiny["teacher"], tmp_path / "student", layers=[0, 2, 3])
     teacher, student = load_file(tiny["teacher"] / "model.safetensors"), load_file(tmp_path / "student" / "model.safetensors")
     for new, old in enumerate([0, 2, 3]):
         assert torch.equal(student[f"model.layers.{new}.mlp.up_proj.weight"], teacher[f"model.layers.{old}.mlp.up_proj.weight"])
@@ -188,7 +188,7 @@ def test_student_keeps_the_chosen_teacher_layers(tiny, tmp_path):
     assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
     assert maximally_spaced(30, 6) == [0, 6, 12, 17, 23, 29]
     with pytest.raises(KdforgeError, match="lacks layer 9"):
-        init_causal_lm_student(tiny["teacher"], tmp_path / "bad", layers=[0, 9])
+        init_student(tiny["teacher"], tmp_path / "bad", layers=[0, 9])
 
 
 def test_lora_trains_only_adapters_and_exports_a_merged_model(tiny, tmp_path):
@@ -245,6 +245,19 @@ def test_the_best_evaluation_is_kept(tiny, tmp_path):
     assert kept == sorted([f"best-step-{best_step:07d}", "step-0000004"])
     state = json.loads((tmp_path / "run" / "checkpoints" / f"best-step-{best_step:07d}" / "state.json").read_text())
     assert state["value"] == min(entry["eval"]["ppl"] for entry in history)
+
+
+def test_curves_reach_tensorboard_with_the_logged_values(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = config_for(tiny, steps=3, eval_every=2).model_dump(mode="json")
+    raw["data"]["eval"] = str(tiny["data"])
+    train(parse_config(raw), tmp_path / "run", show_progress=False)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (h["step"], pytest.approx(h["loss"])) for h in history]
+    assert [e.step for e in events.Scalars("eval/ppl")] == [2, 3]
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):

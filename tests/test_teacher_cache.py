@@ -115,7 +115,8 @@ def test_built_cache_holds_what_the_teachers_compute_online(tiny_whisper, speech
     layers = {"whisper": [0, 1], "ctc": [1]}
     build_cache(teachers, speech, tmp_path / "one", layers, top_k=4, batch_size=3, workers=1)
     assert verify_cache(tmp_path / "one") == 3  # 7 utterances fit one shard per teacher, and the ensemble's
-    settings = {name: (path, {"layers": layers[name], "top_k": 4, "audio_ctx": None}) for name, path in teachers.items()}
+    settings = {name: (path, {"layers": layers[name], "top_k": 4, "audio_ctx": None, "labelled": None})
+                for name, path in teachers.items()}
     cache = TeacherCache(tmp_path / "one", settings, data_fingerprint(speech))
 
     record = read_metadata(speech)[2]
@@ -167,9 +168,9 @@ def test_cli_builds_from_a_config_and_verify_names_a_bad_shard(tiny_whisper, spe
     assert done.returncode == 0, done.stderr
     assert set(json.loads(done.stdout.strip().splitlines()[-1])["teacher_seconds"]) == {"tiny"}
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["teachers"]["tiny"]["settings"] == {"layers": [1], "top_k": 3, "audio_ctx": None}
+    assert manifest["teachers"]["tiny"]["settings"] == {"layers": [1], "top_k": 3, "audio_ctx": None, "labelled": None}
     done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "1 shards match" in done.stdout
+    assert done.returncode == 0 and "2 shards match" in done.stdout  # the teacher's and the targets'
     shard = tmp_path / "cache" / "tiny" / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes() + b"x")
     done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
@@ -182,7 +183,8 @@ def test_audio_ctx_cuts_whisper_teachers_window(tiny_whisper, speech, tmp_path):
     from kdforge.teachers.build import build_cache
 
     build_cache({"w": tiny_whisper}, speech, tmp_path / "cache", {"w": [1]}, top_k=2, audio_ctx=25)
-    cache = TeacherCache(tmp_path / "cache", {"w": (tiny_whisper, {"layers": [1], "top_k": 2, "audio_ctx": 25})},
+    cache = TeacherCache(tmp_path / "cache", {"w": (tiny_whisper, {"layers": [1], "top_k": 2, "audio_ctx": 25,
+                                                                   "labelled": None})},
                          data_fingerprint(speech))
     lengths = {r.id: len(load_audio(r.path)) for r in read_metadata(speech)}
     longest = max(lengths, key=lengths.get)
@@ -190,22 +192,29 @@ def test_audio_ctx_cuts_whisper_teachers_window(tiny_whisper, speech, tmp_path):
     assert cache.signals("w", longest)["hidden.1"].shape[0] == 25
 
 
-def test_the_ensemble_pseudo_label_is_the_consensus_of_the_teachers(world):
-    from kdforge.teachers.build import ensemble_pseudo_labels
-    from kdforge.teachers.cache import ENSEMBLE, read_manifest
+def test_the_ensemble_transcript_is_the_consensus_of_the_teachers():
+    from kdforge.teachers.build import ensemble_transcripts
 
-    tmp_path, teachers, data, signals = world
     said = {"a": ["the cat", "a dog", "one"], "b": ["the cat", "a fog", "two"], "c": ["the hat", "a fog", "three"]}
-    written = {}
-    for name, texts in said.items():
-        shards = TeacherShards(tmp_path / "cache", name, shard_size=2)
-        for index, text in enumerate(texts):
-            shards.add(f"u{index}", {"pseudo_label": torch.tensor(list(text.encode()), dtype=torch.uint8)})
-        shards.flush()
-        written[name] = ({"weights_sha256": name}, {}, shards)
-    written[ENSEMBLE] = ({"members": sorted(said)}, {}, ensemble_pseudo_labels(tmp_path / "cache", written))
-    write_manifest(tmp_path / "cache", data_fingerprint(data), written)
-    assert set(read_manifest(tmp_path / "cache")["teachers"]) == {"a", "b", "c", ENSEMBLE}
-    cache = TeacherCache(tmp_path / "cache", {}, data_fingerprint(data))
-    labels = [bytes(cache.signals(ENSEMBLE, f"u{i}")["pseudo_label"].tolist()).decode() for i in range(3)]
-    assert labels == ["the cat", "a fog", "one"]  # majority, majority, and a three-way tie to the first
+    assert ensemble_transcripts(said) == ["the cat", "a fog", "one"]  # majority, majority, a three-way tie to the first
+
+
+def test_unlabelled_utterances_are_teacher_forced_on_the_ensemble_transcript(tiny_whisper, speech, tmp_path):
+    from kdforge.data.audio import labelled_ids, read_metadata
+    from kdforge.models.loading import load_whisper
+    from kdforge.teachers.build import build_cache
+    from kdforge.teachers.cache import ENSEMBLE
+
+    build_cache({"w": tiny_whisper}, speech, tmp_path / "cache", {"w": [1]}, top_k=2, labelled=3)
+    settings = {"layers": [1], "top_k": 2, "audio_ctx": None, "labelled": 3}
+    cache = TeacherCache(tmp_path / "cache", {"w": (tiny_whisper, settings)}, data_fingerprint(speech))
+    records = read_metadata(speech)
+    labelled = labelled_ids(records, 3)
+    tokenizer = load_whisper(tiny_whisper)[1].tokenizer
+    for record in records:
+        text = lambda signal, teacher=ENSEMBLE: bytes(cache.signals(teacher, record.id)[signal].tolist()).decode()
+        assert text("pseudo_label") == text("pseudo_label", "w")  # one teacher: its transcript is the ensemble's
+        assert text("target") == (record.transcription if record.id in labelled else text("pseudo_label"))
+        assert cache.signals("w", record.id)["label_ids"].tolist() == tokenizer(" " + text("target")).input_ids[2:]
+    with pytest.raises(KdforgeError, match="labelled differ"):
+        TeacherCache(tmp_path / "cache", {"w": (tiny_whisper, {**settings, "labelled": 4})}, data_fingerprint(speech))

@@ -39,8 +39,8 @@ class TeacherConfig(StrictModel):
     path: ModelPath = Field(description="A Hugging Face model directory.")
     name: str | None = Field(None, description="The teacher's name in caches and results; default: the folder's name.")
     weight: float = Field(1.0, gt=0, description="Weight of this teacher's probabilities in the ensemble mean.")
-    layers: list[int] | None = Field(None, description="Encoder hidden states to cache for the projection mapping "
-                                     "(0 = the input embedding); default: the last layer.")
+    layers: list[int] | None = Field(None, description="Encoder hidden states paired with alignment.student_layers "
+                                     "(0 = the input embedding); default: the uniform layer map (asr), the last layer.")
 
     @property
     def label(self) -> str:
@@ -90,6 +90,7 @@ class ObjectiveConfig(StrictModel):
     alpha: float = Field(0.1, ge=0, lt=1, description="Skew KL's alpha.")
     mu: float = Field(0.5, gt=0, le=1, description="AKL's head threshold.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of cross-entropy on the labels.")
+    warmup_steps: int = Field(0, ge=0, description="Steps over which the base objective's weight rises linearly from 0.")
     rlkd: RLKDConfig | None = None
 
     def base_options(self) -> dict[str, float]:
@@ -102,6 +103,8 @@ class DataConfig(StrictModel):
     train: str = Field(description="lm: a JSONL file or 'builtin:NAME'; asr: an audiofolder.")
     eval: str | None = Field(None, description="Held-out data of the same kind.")
     max_length: int = Field(128, ge=8, description="Tokens per sequence (longer ones are cut).")
+    labelled: int | None = Field(None, ge=1, description="asr: only this many training utterances keep their "
+                                 "transcripts (a fixed choice by utterance id); the rest is unlabelled audio.")
 
 
 class SpecAugmentConfig(StrictModel):
@@ -136,9 +139,36 @@ class TrainingConfig(StrictModel):
         return self
 
 
+class AlignmentConfig(StrictModel):
+    """The layer- and point-wise projection mapping (METHODS.md section 1), for task asr."""
+
+    weight: float = Field(1.0, ge=0, description="Weight d of the LPPM term.")
+    warmup_steps: int = Field(0, ge=0, description="Steps over which the weight rises linearly from 0.")
+    student_layers: list[int] | None = Field(None, description="Student encoder hidden states mapped (0 = the input "
+                                             "embedding); default: every encoder layer's output.")
+    teachers: list[str] | None = Field(None, description="Names of the teachers mapped; default: all.")
+    dim: int | None = Field(None, ge=1, description="Shared space dimension D; default: the largest width, "
+                            "rounded up to a multiple of 64.")
+    projection: Literal["linear", "mlp"] = Field("linear", description="The student's learned projections.")
+    teacher_map: Literal["fixed", "learned", "identity"] = Field(
+        "fixed", description="Teacher side: fixed seeded semi-orthogonal maps; 'learned' (an ablation, with "
+        "infonce_weight); 'identity' (a teacher as wide as dim, as TextBrewer-style hidden MSE).")
+    infonce_weight: float = Field(0.1, ge=0, description="Anti-collapse InfoNCE term's weight with teacher_map learned.")
+    normalize: bool = Field(True, description="Map every point onto the unit sphere.")
+    point_loss: Literal["geodesic", "cosine", "mse"] = Field("geodesic", description="Distance between matched points.")
+    target: Literal["sum", "centroid"] = Field("sum", description="Per-teacher terms averaged by weight, or one term "
+                                                "to the teachers' spherical centroid.")
+    pointwise: bool = Field(True, description="Match frames in time; false pools each utterance to one point.")
+    resample: Literal["linear", "pool"] = Field("linear", description="How a teacher with another frame rate is "
+                                                "brought to the student's length.")
+    seed: int = Field(0, description="Seed of the fixed teacher maps.")
+
+
 class CacheConfig(StrictModel):
     top_k: int = Field(32, ge=1, description="Next-token (or frame) probabilities kept per position, with the tail mass.")
     batch_size: int = Field(8, ge=1, description="Utterances a teacher processes together.")
+    dir: ModelPath | None = Field(None, description="asr with teachers: the teacher cache training reads "
+                                  "(built there first when the folder does not exist).")
 
 
 class RunConfig(StrictModel):
@@ -150,18 +180,23 @@ class RunConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig, description="Speech options (task: asr).")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="What `kdforge cache` stores per teacher.")
+    alignment: AlignmentConfig | None = Field(None, description="asr: the projection-mapping term (LPPM).")
 
     @model_validator(mode="after")
     def _terms_and_teachers(self) -> "RunConfig":
         objective = self.objective
-        distils = (objective.name != "none" and objective.weight > 0) or (objective.rlkd is not None and objective.rlkd.weight > 0)
+        distils = ((objective.name != "none" and objective.weight > 0) or (objective.rlkd is not None and objective.rlkd.weight > 0)
+                   or (self.alignment is not None and self.alignment.weight > 0))
         if not distils and objective.ce_weight == 0:
-            raise ValueError("no loss term is active: set objective.ce_weight, or a base objective or rlkd with a weight")
+            raise ValueError("no loss term is active: set objective.ce_weight, a base objective, rlkd or alignment with a weight")
         if distils and not self.teachers:
             raise ValueError("the objective distils from teachers, but 'teachers' is empty")
         names = [teacher.label for teacher in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"two teachers share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}: set 'name'")
+        unknown = [n for n in (self.alignment.teachers or []) if n not in names] if self.alignment else []
+        if unknown:
+            raise ValueError(f"alignment.teachers names {unknown[0]!r}, which is not a teacher ({', '.join(names)})")
         return self
 
 

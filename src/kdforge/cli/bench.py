@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from kdforge.benchmarks import losses as loss_benchmark
+from kdforge.errors import KdforgeError
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: each writes DIR/<name>.json and DIR/<name>.md.")
 
@@ -36,3 +37,30 @@ def bench_lm(
     command = "kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
     report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command)
     typer.echo(lm_benchmark.to_markdown(report))
+
+
+@app.command("asr-teachers")
+def bench_asr_teachers(
+    out: Path = typer.Option(..., "--out", help="Folder for teachers.json, teachers.md and teachers_wer.png."),
+    data: Path = typer.Option(..., "--data", help="The unseen-voice test audiofolder."),
+    teacher: list[str] = typer.Option(..., "--teacher", help="NAME=DIR1,DIR2,...: an adapted teacher, one folder "
+                                      "per seed (repeat for each teacher)."),
+    zeroshot: list[str] = typer.Option([], "--zeroshot", help="NAME=DIR: an unadapted model (repeatable)."),
+    audio_ctx: int = typer.Option(None, "--audio-ctx", help="Whisper encoder positions (400 = 8 s)."),
+) -> None:
+    """Adapted teachers (mean and spread over seeds), their ensemble, and zero-shot Whisper on unseen voices."""
+    from kdforge.benchmarks import asr_teachers
+
+    def named(option: str) -> tuple[str, str]:
+        name, _, value = option.partition("=")
+        if not name or not value:
+            raise KdforgeError(f"expected NAME=DIR[,DIR...], got {option!r}")
+        return name, value
+
+    members = {name: [Path(p) for p in value.split(",")] for name, value in map(named, teacher)}
+    unadapted = {name: Path(value) for name, value in map(named, zeroshot)}
+    command = "kdforge bench asr-teachers " + " ".join(
+        [f"--out {out}", f"--data {data}", *[f"--teacher {t}" for t in teacher], *[f"--zeroshot {z}" for z in zeroshot]]
+        + ([f"--audio-ctx {audio_ctx}"] if audio_ctx else []))
+    report = asr_teachers.run(members, unadapted, data, out, audio_ctx=audio_ctx, command=command)
+    typer.echo(asr_teachers.to_markdown(report))

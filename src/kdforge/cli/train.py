@@ -9,7 +9,7 @@ import typer
 
 from kdforge.config import load_config
 from kdforge.errors import KdforgeError
-from kdforge.student.init import init_causal_lm_student
+from kdforge.student.init import init_student
 from kdforge.training.loop import train
 
 student_app = typer.Typer(no_args_is_help=True, help="Build students from teachers.")
@@ -31,11 +31,11 @@ def student_init(
     source: Path = typer.Option(..., "--from", help="The teacher's model directory."),
     out: Path = typer.Option(..., "--out", help="Where to save the student."),
     layers: str = typer.Option(None, help="Comma-separated teacher layers to keep, e.g. 0,5,10."),
-    num_layers: int = typer.Option(None, help="Keep this many maximally spaced layers (default: a quarter)."),
+    num_layers: int = typer.Option(None, help="Keep this many maximally spaced (decoder) layers (default: 2 of a Whisper decoder, a quarter of an LM)."),
 ) -> None:
     """Save a student made of some of the teacher's layers."""
     try:
         kept = [int(part) for part in layers.split(",")] if layers else None
     except ValueError:
         raise KdforgeError(f"--layers takes comma-separated layer numbers, got {layers!r}") from None
-    typer.echo(init_causal_lm_student(source, out, kept, num_layers))
+    typer.echo(init_student(source, out, kept, num_layers))

@@ -9,6 +9,7 @@ relative to the folder and whose ``transcription`` column holds the reference te
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +106,20 @@ def read_audiofolder(data_dir: str | Path) -> Iterator[AudioItem]:
     """Every utterance of an audiofolder, loaded one at a time (16 kHz mono float32)."""
     for record in read_metadata(data_dir):
         yield AudioItem(record.id, load_audio(record.path), record.transcription)
+
+
+def labelled_ids(records: list[AudioRecord], count: int | None) -> set[str]:
+    """The ids of the ``count`` records whose transcripts a run may use (all of them for ``None``).
+
+    The choice hashes each id, so it depends on neither the training seed nor the file order: every
+    run on the same corpus and ``count`` sees the same labelled part, and a larger count adds to it.
+
+    Raises:
+        KdforgeError: ``count`` exceeds the number of records.
+    """
+    if count is None:
+        return {record.id for record in records}
+    if count > len(records):
+        raise KdforgeError(f"data.labelled is {count} but the training set has {len(records)} utterances")
+    ranked = sorted(records, key=lambda record: hashlib.sha256(record.id.encode()).hexdigest())
+    return {record.id for record in ranked[:count]}

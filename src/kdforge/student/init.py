@@ -1,8 +1,10 @@
 """Students initialised from a teacher's layers (as distil-whisper and distilled LLMs are).
 
 ``kdforge student init --from TEACHER_DIR --layers 0,5,10 --out DIR`` keeps the chosen decoder
-layers (maximally spaced by default) with everything around them (embeddings, norms, head), so the
-student starts from real weights and speaks the teacher's vocabulary.
+layers (maximally spaced by default) with everything around them (embeddings, norms, head, and for
+Whisper the whole encoder), so the student starts from real weights and speaks the teacher's
+vocabulary. Defaults: a quarter of a causal LM's layers; two decoder layers of a Whisper model
+(distil-whisper's choice).
 """
 
 from __future__ import annotations
@@ -40,26 +42,55 @@ def keep_layers(state_dict: dict[str, torch.Tensor], layers_prefix: str, kept: l
     return result
 
 
-def init_causal_lm_student(teacher_dir: str | Path, out_dir: str | Path, layers: list[int] | None = None,
-                           num_layers: int | None = None) -> Path:
-    """Save a causal LM made of the teacher's ``layers`` (default: ``num_layers`` maximally spaced).
-
-    Raises:
-        KdforgeError: a layer the teacher lacks, duplicate layers, no teacher directory, or an
-            ``out_dir`` that already holds something.
-    """
-    teacher_dir, out_dir = Path(teacher_dir), check_new_folder(out_dir)
-    if not (teacher_dir / "config.json").is_file():
-        raise KdforgeError(f"{teacher_dir} is not a model directory (no config.json)")
-    config = AutoConfig.from_pretrained(teacher_dir)
-    total = config.num_hidden_layers
+def _chosen_layers(total: int, layers: list[int] | None, num_layers: int) -> list[int]:
     if layers is None:
-        layers = maximally_spaced(total, num_layers or max(1, total // 4))
+        layers = maximally_spaced(total, num_layers)
     if len(set(layers)) != len(layers) or sorted(layers) != list(layers):
         raise KdforgeError(f"layers must be increasing and distinct, got {layers}")
     missing = [layer for layer in layers if not 0 <= layer < total]
     if missing:
         raise KdforgeError(f"the teacher has layers 0..{total - 1}; it lacks layer {missing[0]}")
+    return layers
+
+
+def init_student(teacher_dir: str | Path, out_dir: str | Path, layers: list[int] | None = None,
+                 num_layers: int | None = None) -> Path:
+    """Save a student made of the teacher's ``layers`` (default: ``num_layers`` maximally spaced).
+
+    Whisper teachers keep their encoder and lose decoder layers; causal LMs lose layers.
+
+    Raises:
+        KdforgeError: a layer the teacher lacks, duplicate layers, no teacher directory, or an
+            ``out_dir`` that already holds something.
+    """
+    from kdforge.models.loading import model_type_of
+
+    teacher_dir, out_dir = Path(teacher_dir), check_new_folder(out_dir)
+    if model_type_of(teacher_dir) == "whisper":
+        return _init_whisper_student(teacher_dir, out_dir, layers, num_layers or 2)
+    return _init_causal_lm_student(teacher_dir, out_dir, layers, num_layers)
+
+
+def _init_whisper_student(teacher_dir: Path, out_dir: Path, layers: list[int] | None, num_layers: int) -> Path:
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32)
+    config = teacher.config
+    layers = _chosen_layers(config.decoder_layers, layers, num_layers)
+    config.decoder_layers = len(layers)
+    student = WhisperForConditionalGeneration(config)
+    student.load_state_dict(keep_layers(teacher.state_dict(), "model.decoder.layers.", layers), strict=True)
+    student.generation_config = teacher.generation_config
+    student.save_pretrained(out_dir)
+    WhisperProcessor.from_pretrained(teacher_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def _init_causal_lm_student(teacher_dir: Path, out_dir: Path, layers: list[int] | None,
+                            num_layers: int | None) -> Path:
+    config = AutoConfig.from_pretrained(teacher_dir)
+    total = config.num_hidden_layers
+    layers = _chosen_layers(total, layers, num_layers or max(1, total // 4))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):

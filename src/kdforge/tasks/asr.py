@@ -19,15 +19,20 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
-from kdforge.data.audio import load_audio, read_metadata
+from kdforge.data.audio import labelled_ids, load_audio, read_metadata
 from kdforge.data.augment import spec_augment
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import decoder_prompt_length, load_whisper
 
 
-def read_training_audio(data_dir: str) -> tuple[list, list]:
-    """The audiofolder's records and their 16 kHz samples, read once (with a progress bar)."""
+def read_training_audio(data_dir: str, labelled: int | None = None) -> tuple[list, list]:
+    """The audiofolder's records and their 16 kHz samples, read once (with a progress bar).
+
+    With ``labelled`` (``data.labelled``), only the utterances whose transcripts a run may use.
+    """
     records = read_metadata(data_dir)
+    keep = labelled_ids(records, labelled)
+    records = [record for record in records if record.id in keep]
     audio = [load_audio(r.path) for r in track(records, description="reading audio", transient=True)]
     return records, audio
 
@@ -48,7 +53,8 @@ def word_error_rates(recognizer, model: torch.nn.Module, eval_dir: str | None) -
 
 
 class WhisperTask:
-    """Fine-tuning (and, with teachers in later recipes, distilling) a Whisper model on an audiofolder."""
+    """Fine-tuning a Whisper model on an audiofolder's labels (with teachers:
+    :class:`kdforge.tasks.asr_distill.WhisperDistillationTask`)."""
 
     selection_metric = "wer"  # the best checkpoint has the lowest validation WER
 
@@ -56,16 +62,13 @@ class WhisperTask:
         from kdforge.student.lora import add_lora
 
         self.config = config
-        if config.teachers:
-            raise KdforgeError("task 'asr' trains from labels for now: distillation from ASR teachers reads "
-                               "the teacher cache, which is not built yet")
         self.student, self.processor = load_whisper(config.student.path, config.audio.audio_ctx)
         self.student.train()
         self.tokenizer = self.processor.tokenizer
         self.prompt_length = decoder_prompt_length(self.tokenizer)
         if config.student.lora is not None:
             self.student = add_lora(self.student, config.student.lora)
-        records, self.audio = read_training_audio(config.data.train)
+        records, self.audio = read_training_audio(config.data.train, config.data.labelled)
         self.train_examples = [self._label_ids(r.transcription, r.path) for r in records]
 
     def _label_ids(self, text: str, where: Path) -> list[int]:
@@ -138,7 +141,7 @@ class CTCTask:
         self.tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(config.student.path)
         self.extractor = WhisperFeatureExtractor.from_pretrained(config.student.path)
         self.frame_stack = frame_stack_of(self.student)
-        records, self.audio = read_training_audio(config.data.train)
+        records, self.audio = read_training_audio(config.data.train, config.data.labelled)
         for record in records:
             outside = sorted(set(record.transcription.replace(" ", "")) - set(CHARACTERS))
             if outside:

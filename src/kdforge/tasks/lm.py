@@ -121,7 +121,7 @@ class LMTask:
 
     def __init__(self, config, work_dir: Path):
         from kdforge.data.lm import load_records
-        from kdforge.student.init import init_causal_lm_student
+        from kdforge.student.init import init_student
         from kdforge.student.lora import add_lora
 
         self.config = config
@@ -129,7 +129,7 @@ class LMTask:
         if student_dir is None:
             student_dir = work_dir / "student-init"
             if not (student_dir / "config.json").exists():
-                init_causal_lm_student(config.student.init_from, student_dir, config.student.layers,
+                init_student(config.student.init_from, student_dir, config.student.layers,
                                        config.student.num_layers)
         self.student, self.tokenizer = load_causal_lm(student_dir)
         self.teachers = []

@@ -1,22 +1,25 @@
 """Running each teacher once over the training audio and storing what distillation needs.
 
-Per teacher and utterance (:mod:`kdforge.teachers.cache` stores them):
+Two passes. First every teacher transcribes every utterance (greedy); the ensemble's transcript
+of an utterance is the minimum-Bayes-risk choice among them
+(:func:`kdforge.evaluation.ensemble.minimum_bayes_risk`). Each utterance's *training target* is
+then its reference transcript if it belongs to the labelled part (``data.labelled``), else the
+ensemble's transcript: the text the student is trained to produce. Second, every teacher is run
+again and stores, per utterance (:mod:`kdforge.teachers.cache`):
 
 * ``hidden.<l>``: the encoder's hidden states of each kept layer ``l`` (0 = the input embedding),
   ``(frames, width)`` float16, cut to the utterance's own frames;
-* ``pseudo_label``: the teacher's greedy transcript, UTF-8 bytes as uint8;
-* Whisper teachers, teacher-forced on the reference transcript in their own tokenization:
+* ``pseudo_label``: the teacher's own greedy transcript, UTF-8 bytes as uint8;
+* Whisper teachers, teacher-forced on the training target in their own tokenization:
   ``label_ids (L,)`` and, at each text position, the top-k of the next-token distribution
   (``topk_ids (L, k)``, ``topk_logprobs (L, k)``, ``tail_logprob (L,)``, the
   :class:`~kdforge.losses.TopKTeacher` fields);
 * CTC teachers: the frame-level top-k of their character distribution, same three fields with
   frames instead of tokens.
 
-Teachers are independent, so ``workers`` processes take one teacher each at a time; each process
-uses ``cores // workers`` torch threads. Once all have run, the cache also holds the ensemble's own
-transcript of every utterance under the name ``ensemble``: the minimum-Bayes-risk choice among the
-teachers' pseudo-labels (:func:`kdforge.evaluation.ensemble.minimum_bayes_risk`), the label the
-student learns from where the audio has no transcript.
+The entry ``ensemble`` holds ``pseudo_label`` (the ensemble's transcript) and ``target`` (the
+training target) of every utterance. Teachers are independent, so ``workers`` processes take one
+teacher each at a time in both passes; each process uses ``cores // workers`` torch threads.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdforge.data.audio import read_metadata
+from kdforge.data.audio import labelled_ids, read_metadata
 from kdforge.losses import TopKTeacher
 from kdforge.models.loading import decoder_prompt_length, model_type_of
 from kdforge.tasks.asr import read_training_audio
@@ -51,7 +54,7 @@ def _top_k_fields(logits: Tensor, k: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def whisper_signals(recognizer, audio: list[np.ndarray], texts: list[str], layers: list[int], k: int) -> list[dict]:
-    """The cached signals of a Whisper teacher (a :class:`WhisperRecognizer`) for one batch."""
+    """A Whisper teacher's (a :class:`WhisperRecognizer`) hidden states and top-k teacher-forced on ``texts``."""
     model, processor = recognizer.model, recognizer.processor
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
@@ -62,7 +65,6 @@ def whisper_signals(recognizer, audio: list[np.ndarray], texts: list[str], layer
     for row, ids in enumerate(labels):
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
     logits = model(encoder_outputs=(encoded.last_hidden_state,), decoder_input_ids=inputs).logits
-    pseudo = recognizer.transcribe(audio)
     prompt = decoder_prompt_length(tokenizer)
     window = features.shape[-1] // 2
     out = []
@@ -70,42 +72,58 @@ def whisper_signals(recognizer, audio: list[np.ndarray], texts: list[str], layer
         frames = min(window, math.ceil(len(samples) / extractor.hop_length / 2))  # the encoder halves the mel rate
         text_positions = slice(prompt - 1, len(labels[row]) - 1)  # logits predicting the text and its end
         out.append({**{f"hidden.{layer}": encoded.hidden_states[layer][row, :frames].half() for layer in layers},
-                    "label_ids": torch.tensor(labels[row][prompt:]), **_top_k_fields(logits[row, text_positions], k),
-                    "pseudo_label": _text_bytes(pseudo[row])})
+                    "label_ids": torch.tensor(labels[row][prompt:]), **_top_k_fields(logits[row, text_positions], k)})
     return out
 
 
 @torch.no_grad()
-def ctc_signals(model, tokenizer, extractor, audio: list[np.ndarray], layers: list[int], k: int) -> list[dict]:
-    """The cached signals of a kdforge CTC teacher for one batch (see the module docstring)."""
-    from kdforge.models.ctc import frame_stack_of, greedy_ctc, stacked_log_mel
+def ctc_signals(model, extractor, audio: list[np.ndarray], layers: list[int], k: int) -> list[dict]:
+    """A kdforge CTC teacher's hidden states and frame-level top-k for one batch."""
+    from kdforge.models.ctc import frame_stack_of, stacked_log_mel
 
     features, mask = stacked_log_mel(extractor, audio, frame_stack_of(model))
     output = model(input_features=features, attention_mask=mask.long(), output_hidden_states=True)
-    pseudo = greedy_ctc(output.logits, mask, tokenizer)
     out = []
     for row in range(len(audio)):
         frames = int(mask[row].sum())
         out.append({**{f"hidden.{layer}": output.hidden_states[layer][row, :frames].half() for layer in layers},
-                    **_top_k_fields(output.logits[row, :frames], k), "pseudo_label": _text_bytes(pseudo[row])})
+                    **_top_k_fields(output.logits[row, :frames], k)})
     return out
 
 
-def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int,
-                  batch_size: int, threads: int, audio_ctx: int | None = None) -> tuple[str, dict, list[dict], float]:
-    """Run one teacher over the audiofolder into ``root/<name>``; returns its manifest pieces and seconds."""
+def transcribe_teacher(model_dir: str, data_dir: str, batch_size: int, threads: int,
+                       audio_ctx: int | None = None) -> tuple[list[str], float]:
+    """First pass: one teacher's greedy transcript of every utterance, and the seconds it took."""
+    from kdforge.evaluation.recognizers import load_recognizer
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    _, audio = read_training_audio(data_dir)
+    recognizer = load_recognizer(model_dir, audio_ctx)
+    with torch.inference_mode():
+        texts = [text for start in range(0, len(audio), batch_size)
+                 for text in recognizer.transcribe(audio[start : start + batch_size])]
+    return texts, time.perf_counter() - started
+
+
+def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int, batch_size: int,
+                  threads: int, audio_ctx: int | None, targets: list[str], transcripts: list[str]) -> tuple[list[dict], float]:
+    """Second pass: store one teacher's signals in ``root/<name>``; returns its shards and seconds.
+
+    ``targets`` and ``transcripts`` (its own first-pass output) are per utterance, in data order.
+    """
     torch.set_num_threads(threads)
     started = time.perf_counter()
     records, audio = read_training_audio(data_dir)
     shards = TeacherShards(Path(root), name)
     if model_type_of(model_dir) == "wav2vec2-bert":
-        from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
+        from transformers import Wav2Vec2BertForCTC, WhisperFeatureExtractor
 
         model = Wav2Vec2BertForCTC.from_pretrained(model_dir).eval()
-        tokenizer, extractor = Wav2Vec2CTCTokenizer.from_pretrained(model_dir), WhisperFeatureExtractor.from_pretrained(model_dir)
+        extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
 
         def signals(batch_audio, texts):
-            return ctc_signals(model, tokenizer, extractor, batch_audio, layers, k)
+            return ctc_signals(model, extractor, batch_audio, layers, k)
     else:
         from kdforge.evaluation.recognizers import WhisperRecognizer
         from kdforge.models.loading import load_whisper
@@ -115,80 +133,79 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
         def signals(batch_audio, texts):
             return whisper_signals(recognizer, batch_audio, texts, layers, k)
     for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        for record, tensors in zip(batch, signals(audio[start : start + batch_size], [r.transcription for r in batch])):
-            shards.add(record.id, tensors)
+        batch = slice(start, start + batch_size)
+        for record, tensors, transcript in zip(records[batch], signals(audio[batch], targets[batch]), transcripts[batch]):
+            shards.add(record.id, {**tensors, "pseudo_label": _text_bytes(transcript)})
     shards.flush()
-    return name, model_identity(model_dir), shards.shards, time.perf_counter() - started
+    return shards.shards, time.perf_counter() - started
+
+
+def ensemble_transcripts(transcripts: dict[str, list[str]]) -> list[str]:
+    """Per utterance, the minimum-Bayes-risk choice among the teachers' transcripts (in teacher order)."""
+    from kdforge.evaluation.ensemble import minimum_bayes_risk
+
+    return [options[minimum_bayes_risk(list(options))] for options in zip(*transcripts.values())]
+
+
+def _run_all(function, jobs: list[tuple], workers: int) -> list:
+    if workers == 1:
+        return [function(*job) for job in jobs]
+    # spawn, not fork: a forked child inherits torch's thread pools mid-flight and can hang
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(function, *zip(*jobs)))
 
 
 def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str | Path, layers: dict[str, list[int]],
-                top_k: int = 32, batch_size: int = 8, workers: int = 1, audio_ctx: int | None = None) -> dict:
+                top_k: int = 32, batch_size: int = 8, workers: int = 1, audio_ctx: int | None = None,
+                labelled: int | None = None) -> dict:
     """Cache every teacher's signals over ``data_dir`` into ``out``; ``workers`` teachers run at once.
 
-    ``audio_ctx`` cuts Whisper teachers' window (it is part of the cached settings: other windows
-    give other hidden states).
+    ``audio_ctx`` cuts Whisper teachers' window and ``labelled`` is ``data.labelled`` (which
+    utterances keep their reference as training target); both are part of the cached settings.
 
     Returns:
-        ``{"seconds": wall time, "teacher_seconds": {name: seconds}}``.
+        ``{"seconds": wall time, "teacher_seconds": {name: seconds over both passes}}``.
     """
     from kdforge.files import check_new_folder
 
     out = check_new_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    read_metadata(data_dir)  # a bad audiofolder fails here, before any process starts
+    records = read_metadata(data_dir)  # a bad audiofolder fails here, before any process starts
+    keep = labelled_ids(records, labelled)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(name, str(path), str(data_dir), str(out), layers[name], top_k, batch_size, threads, audio_ctx)
-            for name, path in teachers.items()]
     started = time.perf_counter()
-    if workers == 1:
-        results = [cache_teacher(*job) for job in jobs]
-    else:
-        # spawn, not fork: a forked child inherits torch's thread pools mid-flight and can hang
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(cache_teacher, *zip(*jobs)))
+    names = list(teachers)
+    first = _run_all(transcribe_teacher, [(str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
+                                          for n in names], workers)
+    transcripts = {name: texts for name, (texts, _) in zip(names, first)}
+    ensemble = ensemble_transcripts(transcripts)
+    targets = [r.transcription if r.id in keep else chosen for r, chosen in zip(records, ensemble)]
+    second = _run_all(cache_teacher, [(n, str(teachers[n]), str(data_dir), str(out), layers[n], top_k, batch_size,
+                                       threads, audio_ctx, targets, transcripts[n]) for n in names], workers)
+    settings = {"top_k": top_k, "audio_ctx": audio_ctx, "labelled": labelled}
     written = {}
-    for name, identity, shards, _ in results:
+    for name, (shards, _) in zip(names, second):
         teacher = TeacherShards(out, name)
         teacher.shards = shards
-        written[name] = (identity, {"layers": layers[name], "top_k": top_k, "audio_ctx": audio_ctx}, teacher)
-    if len(teachers) > 1:
-        written[ENSEMBLE] = ({"members": sorted(teachers)}, {}, ensemble_pseudo_labels(out, written))
+        written[name] = (model_identity(teachers[name]), {"layers": layers[name], **settings}, teacher)
+    choice = TeacherShards(out, ENSEMBLE)
+    for record, chosen, target in zip(records, ensemble, targets):
+        choice.add(record.id, {"pseudo_label": _text_bytes(chosen), "target": _text_bytes(target)})
+    written[ENSEMBLE] = ({"members": names}, settings, choice)
     write_manifest(out, data_fingerprint(data_dir), written)
-    return {"seconds": time.perf_counter() - started, "teacher_seconds": {r[0]: r[3] for r in results}}
-
-
-def ensemble_pseudo_labels(root: Path, written: dict[str, tuple]) -> TeacherShards:
-    """Shards of the ensemble's transcript per utterance: the MBR choice among the teachers' own."""
-    from safetensors import safe_open
-
-    from kdforge.evaluation.ensemble import minimum_bayes_risk
-
-    transcripts: dict[str, list[str]] = {}
-    for _, _, shards in written.values():
-        for shard in shards.shards:
-            with safe_open(root / shard["file"], framework="pt") as handle:
-                for utterance in shard["utterances"]:
-                    text = bytes(handle.get_tensor(f"{utterance}/pseudo_label").tolist()).decode("utf-8")
-                    transcripts.setdefault(utterance, []).append(text)
-    ensemble = TeacherShards(root, ENSEMBLE)
-    for utterance, options in transcripts.items():
-        ensemble.add(utterance, {"pseudo_label": _text_bytes(options[minimum_bayes_risk(options)])})
-    ensemble.flush()
-    return ensemble
-
-
-def last_encoder_layer(model_dir: str | Path) -> int:
-    """The hidden-state index of a model's last encoder layer (0 is its input embedding)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    return config.encoder_layers if config.model_type == "whisper" else config.num_hidden_layers
+    seconds = {name: first[i][1] + second[i][1] for i, name in enumerate(names)}
+    return {"seconds": time.perf_counter() - started, "teacher_seconds": seconds}
 
 
 def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
-    """:func:`build_cache` for the teachers, training data and ``cache`` settings of a run config."""
+    """:func:`build_cache` for the teachers, training data and ``cache`` settings of a run config.
+
+    Each teacher keeps the hidden states the student's layer map pairs with its own
+    (:func:`kdforge.tasks.asr_distill.layer_plan`).
+    """
+    from kdforge.tasks.asr_distill import layer_plan
+
     teachers = {teacher.label: teacher.path for teacher in config.teachers}
-    layers = {teacher.label: teacher.layers or [last_encoder_layer(teacher.path)] for teacher in config.teachers}
-    return build_cache(teachers, config.data.train, out, layers, top_k=config.cache.top_k,
-                       batch_size=config.cache.batch_size, workers=workers, audio_ctx=config.audio.audio_ctx)
+    return build_cache(teachers, config.data.train, out, layer_plan(config)[1], top_k=config.cache.top_k,
+                       batch_size=config.cache.batch_size, workers=workers, audio_ctx=config.audio.audio_ctx,
+                       labelled=config.data.labelled)

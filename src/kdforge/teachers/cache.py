@@ -171,8 +171,8 @@ class TeacherCache:
     def _index(entry: dict) -> dict[str, dict]:
         return {utterance: shard for shard in entry["shards"] for utterance in shard["utterances"]}
 
-    def signals(self, teacher: str, utterance_id: str) -> dict[str, torch.Tensor]:
-        """Every cached tensor of one teacher for one utterance, by signal name."""
+    def signals(self, teacher: str, utterance_id: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The cached tensors of one teacher for one utterance, by signal name (``names``: only those)."""
         shard = self.locations[teacher].get(utterance_id)
         if shard is None:
             raise KdforgeError(f"the teacher cache has nothing from {teacher!r} for utterance {utterance_id!r}")
@@ -183,4 +183,17 @@ class TeacherCache:
             self._checked.add(shard["file"])
         prefix = f"{utterance_id}/"
         with safe_open(path, framework="pt") as handle:
-            return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+            keys = [f"{prefix}{name}" for name in names] if names is not None else \
+                [key for key in handle.keys() if key.startswith(prefix)]
+            missing = [key for key in keys if key not in handle.keys()]
+            if missing:
+                raise KdforgeError(f"the teacher cache has no {missing[0]!r} from {teacher!r}: rebuild it")
+            return {key[len(prefix):]: handle.get_tensor(key) for key in keys}
+
+    def batch(self, teacher: str, utterance_ids: list[str], names: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        """:meth:`signals` for each utterance of a training batch, in order."""
+        return [self.signals(teacher, utterance, names) for utterance in utterance_ids]
+
+    def text(self, teacher: str, utterance_id: str, name: str = "pseudo_label") -> str:
+        """A cached transcript (``pseudo_label``, or the ensemble's ``target``) as text."""
+        return bytes(self.signals(teacher, utterance_id, [name])[name].tolist()).decode("utf-8")

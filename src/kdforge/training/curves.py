@@ -1,4 +1,5 @@
-"""Training curves: every logged loss term and evaluation metric against the step, as one PNG."""
+"""Training curves: every logged loss term and evaluation metric against the step, as one PNG, and
+as TensorBoard event files (``DIR/tensorboard``) when the ``tensorboard`` package is installed."""
 
 from __future__ import annotations
 
@@ -27,3 +28,36 @@ def plot_history(history: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+class TensorBoardLog:
+    """Writes each history entry's scalars (``train/<term>``, ``eval/<metric>``, ``lr``) as it comes.
+
+    Without the ``tensorboard`` package it does nothing. A resumed run starts the log at its
+    checkpoint's step (``purge_step``), so TensorBoard drops what the interrupted run logged after it.
+    """
+
+    def __init__(self, folder: Path, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: the PNG curves are always written
+            self.writer = None
+            return
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, entry: dict) -> None:
+        if self.writer is None:
+            return
+        step = entry["step"]
+        for name, value in entry.items():
+            if name == "eval":
+                for metric, score in value.items():
+                    self.writer.add_scalar(f"eval/{metric}", score, step)
+            elif name == "lr":
+                self.writer.add_scalar("lr", value, step)
+            elif name != "step":
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

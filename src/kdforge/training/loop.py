@@ -21,7 +21,7 @@ from kdforge.config import RunConfig
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
-from kdforge.training.curves import plot_history
+from kdforge.training.curves import TensorBoardLog, plot_history
 from kdforge.files import write_json_atomic, write_text_atomic
 from kdforge.training.checkpoint import (best_value, claim_run_folder, empty_run_folder, latest_checkpoint,
                                          load_checkpoint, save_best, save_checkpoint)
@@ -74,10 +74,15 @@ def build_task(config: RunConfig, out_dir: Path):
     if config.task == "asr":
         from kdforge.tasks.asr import CTCTask, WhisperTask
 
-        if config.student.path is None:
-            raise KdforgeError("task 'asr' needs student.path: a Whisper or kdforge CTC model directory")
-        is_ctc = model_type_of(config.student.path) == "wav2vec2-bert"
-        return CTCTask(config, out_dir) if is_ctc else WhisperTask(config, out_dir)
+        from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+        student_dir = config.student.path or config.student.init_from
+        if student_dir is None:
+            raise KdforgeError("task 'asr' needs student.path (a Whisper or kdforge CTC model directory) "
+                               "or student.init_from (a Whisper teacher)")
+        if model_type_of(student_dir) == "wav2vec2-bert":
+            return CTCTask(config, out_dir)
+        return WhisperDistillationTask(config, out_dir) if config.teachers else WhisperTask(config, out_dir)
     from kdforge.tasks.lm import LMTask
 
     return LMTask(config, out_dir)
@@ -100,7 +105,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
         if new_run:  # nothing was trained: leave the folder as it was, so a corrected config can use it
             empty_run_folder(out_dir)
         raise
-    model = task.student
+    heads = getattr(task, "heads", None)  # training-only modules (projection heads): trained, never exported
+    model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -120,6 +126,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     started = time.perf_counter()
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn())
+    tensorboard = TensorBoardLog(out_dir / "tensorboard", start)
     with Progress(*columns, disable=not show_progress) as progress:
         bar = progress.add_task("train", total=settings.steps, completed=start, status="")
         for step in range(start, settings.steps):
@@ -127,6 +134,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             micro_size = settings.batch_size // settings.grad_accum
             micro_batches = [task.batch(indices[i : i + micro_size]) for i in range(0, len(indices), micro_size)]
             optimizer.zero_grad(set_to_none=True)
+            task.step = step  # loss weights with a warm-up read it
             step_terms = accumulate_gradients(task, micro_batches, out_dir, step)
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm)
@@ -143,13 +151,15 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             history.append(entry)
             with history_path.open("a") as log:
                 log.write(json.dumps(entry) + "\n")
+            tensorboard.log(entry)
             if done % settings.checkpoint_every == 0 and done != settings.steps:
                 save_checkpoint(out_dir, done, trainable, optimizer, scheduler, settings.keep_checkpoints)
             progress.update(bar, advance=1, status=f"loss {step_terms['loss']:.4f}")
+    tensorboard.close()
 
     student_dir = out_dir / "student"
     lora = config.student.lora
-    task.export(student_dir, exportable(model, merge=lora is None or lora.merge_on_export))
+    task.export(student_dir, exportable(task.student, merge=lora is None or lora.merge_on_export))
     evaluations = [e["eval"] for e in history if "eval" in e]
     result = {"steps": settings.steps, "train_seconds": time.perf_counter() - started,
               "final_loss": history[-1]["loss"] if history else None,

@@ -1,0 +1,128 @@
+"""The projections into the shared aligned space (METHODS.md section 1, "Shared aligned space").
+
+Every teacher layer ``m, l`` reaches the space through a fixed semi-orthogonal map ``Q_{m,l}`` (an
+isometry: it cannot collapse the target, and teachers of different widths land in one space); every
+student layer through a learned projection ``P_l``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdforge.errors import KdforgeError
+
+
+def shared_dimension(widths: list[int], multiple: int = 64) -> int:
+    """The default dimension ``D`` of the shared space: the largest width rounded up to ``multiple``."""
+    if not widths or min(widths) < 1 or multiple < 1:
+        raise KdforgeError(f"shared dimension needs positive widths and multiple, got {widths} and {multiple}")
+    return -(-max(widths) // multiple) * multiple
+
+
+def semi_orthogonal(in_dim: int, out_dim: int, seed: int) -> Tensor:
+    """A fixed ``(out_dim, in_dim)`` float32 matrix ``Q`` with ``Q^T Q = I``, so ``||Q x|| = ||x||``.
+
+    ``Q`` is the reduced QR factor of a standard Gaussian drawn from ``seed``. QR fixes each column
+    only up to sign; multiplying by ``sign(diag(R))`` removes that freedom, which makes ``Q`` a
+    function of the seed alone and Haar-distributed (Mezzadri 2007).
+
+    Args:
+        in_dim: width of the vectors mapped (``d_m``).
+        out_dim: width of the shared space (``D``), at least ``in_dim``.
+        seed: seed of the Gaussian draw.
+
+    Returns:
+        ``(out_dim, in_dim)`` float32, orthonormal columns.
+    """
+    if out_dim < in_dim:
+        raise KdforgeError(f"a semi-orthogonal map needs out_dim >= in_dim, got {in_dim} -> {out_dim}")
+    # Drawn and factorised in float64 so the float32 result is orthonormal to float32 precision.
+    gaussian = torch.randn(out_dim, in_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian, mode="reduced")
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(torch.float64)
+    return (q * signs).to(torch.float32)
+
+
+def layer_seed(seed: int, layer_slot: int) -> int:
+    """The seed of one layer's map: distinct slots and distinct teacher seeds give unrelated maps.
+
+    ``seed + slot`` would give teacher 0's second layer the same map as teacher 1's first.
+    """
+    return int(np.random.SeedSequence([seed, layer_slot]).generate_state(1, dtype=np.uint64)[0])
+
+
+def check_layer_slot(layer_slot: int, num_layers: int) -> None:
+    """Reject a slot outside ``[0, num_layers)``: a negative one would silently pick a layer from the end."""
+    if not 0 <= layer_slot < num_layers:
+        raise IndexError(f"layer slot {layer_slot} is outside [0, {num_layers - 1}]")
+
+
+class TeacherProjection(nn.Module):
+    """One teacher's maps ``R^{width} -> R^{dim}``, one per mapped layer.
+
+    ``kind``:
+        - ``"fixed"`` (default): the semi-orthogonal ``Q_{m,l}``, held as buffers so no optimiser
+          sees them and checkpoints keep them exactly.
+        - ``"learned"``: trainable ``nn.Linear(width, dim, bias=False)`` started at the same
+          ``Q_{m,l}``; an ablation that must be paired with an anti-collapse term
+          (:func:`~kdforge.alignment.infonce_loss`).
+        - ``"identity"``: no map, for ``width == dim`` (the TextBrewer-style MSE baseline).
+    """
+
+    def __init__(self, width: int, dim: int, num_layers: int, seed: int,
+                 kind: Literal["fixed", "learned", "identity"] = "fixed"):
+        super().__init__()
+        if kind not in ("fixed", "learned", "identity"):
+            raise KdforgeError(f"teacher projection kind must be fixed, learned or identity, got {kind!r}")
+        if kind == "identity" and width != dim:
+            raise KdforgeError(f"an identity teacher projection needs width == dim, got {width} and {dim}")
+        self.kind = kind
+        self.num_layers = num_layers
+        if kind == "identity":
+            return
+        maps = [semi_orthogonal(width, dim, layer_seed(seed, slot)) for slot in range(num_layers)]
+        if kind == "fixed":
+            self.register_buffer("maps", torch.stack(maps))
+        else:
+            self.layers = nn.ModuleList(nn.Linear(width, dim, bias=False) for _ in maps)
+            with torch.no_grad():
+                for layer, start in zip(self.layers, maps):
+                    layer.weight.copy_(start)
+
+    def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
+        """``(B, T, width) -> (B, T, dim)`` through the map of mapped layer ``layer_slot``."""
+        check_layer_slot(layer_slot, self.num_layers)
+        if self.kind == "identity":
+            return hidden
+        if self.kind == "learned":
+            return self.layers[layer_slot](hidden)
+        # The map is cast, not the states: cached teacher states stay at the cache's precision.
+        return nn.functional.linear(hidden, self.maps[layer_slot].to(hidden.dtype))
+
+
+class StudentProjection(nn.Module):
+    """The learned ``P_l: R^{width} -> R^{dim}``, one per mapped student layer.
+
+    ``kind``: ``"linear"`` is ``Linear(width, dim)``; ``"mlp"`` is
+    ``Linear(width, dim) -> GELU -> Linear(dim, dim)``.
+    """
+
+    def __init__(self, width: int, dim: int, num_layers: int, kind: Literal["linear", "mlp"] = "linear"):
+        super().__init__()
+        if kind == "linear":
+            self.layers = nn.ModuleList(nn.Linear(width, dim) for _ in range(num_layers))
+        elif kind == "mlp":
+            self.layers = nn.ModuleList(
+                nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in range(num_layers)
+            )
+        else:
+            raise KdforgeError(f"student projection kind must be linear or mlp, got {kind!r}")
+
+    def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
+        """``(B, T, width) -> (B, T, dim)`` through the projection of mapped layer ``layer_slot``."""
+        check_layer_slot(layer_slot, len(self.layers))
+        return self.layers[layer_slot](hidden)

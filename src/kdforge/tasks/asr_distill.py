@@ -1,0 +1,258 @@
+"""Distilling an ensemble of ASR teachers into a Whisper student, from the teacher cache.
+
+The student trains on the whole training audio. Each utterance's target text is the cache's
+training target (:mod:`kdforge.teachers.build`): the reference for the labelled part
+(``data.labelled``), the ensemble's transcript elsewhere. The step's loss (METHODS.md section 1):
+
+    L = ce_weight * CE + w(step) * weight * L_logit + rlkd.weight * L_rank + d(step) * L_LPPM
+
+* logit terms (KD at ``objective.temperature``, RLKD) use the teachers whose vocabulary is the
+  student's, through their cached top-k teacher-forced on the same target tokens;
+* ``L_LPPM`` (:func:`kdforge.alignment.lppm_loss`) reaches every mapped teacher, whatever its
+  vocabulary, frame rate or width: the student's encoder hidden states of ``student_layers`` go
+  through learned projections, each teacher's paired layers through fixed seeded isometries, into
+  one space of dimension ``D``; teacher frames are resampled to the student's frames.
+
+No teacher runs during training: a missing cache is built first, a stale one refused.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kdforge.alignment import (StudentProjection, TeacherProjection, lppm_loss, pool_utterance, resample_time,
+                               shared_dimension, uniform_layer_map, infonce_loss)
+from kdforge.errors import KdforgeError
+from kdforge.losses import TopKTeacher
+from kdforge.losses.sparse import LOG_FLOOR
+from kdforge.tasks.asr import WhisperTask, read_training_audio
+from kdforge.teachers.cache import ENSEMBLE, TeacherCache, data_fingerprint
+
+
+def encoder_shape(model_dir: str | Path) -> tuple[int, int, float]:
+    """``(hidden states, width, frames per second)`` of a Whisper or kdforge CTC model's encoder.
+
+    Hidden states count the input embedding, as ``output_hidden_states`` returns them.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type == "whisper":
+        return config.encoder_layers + 1, config.d_model, 50.0
+    return config.num_hidden_layers + 1, config.hidden_size, 100.0 / config.kdforge_frame_stack
+
+
+def layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
+    """The student's mapped hidden states and each teacher's paired ones (METHODS.md "Layer-wise map").
+
+    Defaults: every student encoder layer's output, and per teacher the uniform map; a teacher's
+    explicit ``layers`` must pair one-to-one with the student's.
+
+    Raises:
+        KdforgeError: a layer a model lacks, or an explicit list of the wrong length.
+    """
+    student_dir = config.student.path or config.student.init_from
+    student_depth = encoder_shape(student_dir)[0]
+    alignment = config.alignment
+    student_layers = (alignment.student_layers if alignment and alignment.student_layers
+                      else list(range(1, student_depth)))
+    plan = {}
+    for teacher in config.teachers:
+        depth = encoder_shape(teacher.path)[0]
+        layers = teacher.layers or uniform_layer_map(student_layers, student_depth, depth)
+        if len(layers) != len(student_layers):
+            raise KdforgeError(f"teacher {teacher.label!r} lists {len(layers)} layers for {len(student_layers)} "
+                               "student layers (alignment.student_layers)")
+        outside = [layer for layer in layers if not 0 <= layer < depth]
+        if outside:
+            raise KdforgeError(f"teacher {teacher.label!r} has hidden states 0..{depth - 1}; it lacks layer {outside[0]}")
+        plan[teacher.label] = layers
+    return student_layers, plan
+
+
+def open_cache(config, show_progress: bool = True) -> TeacherCache:
+    """The run's teacher cache (``cache.dir``), built first if the folder does not exist yet."""
+    from kdforge.teachers.build import build_cache_from_config
+
+    if config.cache.dir is None:
+        raise KdforgeError("distilling from ASR teachers reads a teacher cache: set cache.dir "
+                           "(it is built there if the folder does not exist)")
+    _, plan = layer_plan(config)
+    if not (config.cache.dir / "manifest.json").exists():
+        build_cache_from_config(config, config.cache.dir)
+    settings = {"top_k": config.cache.top_k, "audio_ctx": config.audio.audio_ctx, "labelled": config.data.labelled}
+    expected = {t.label: (t.path, {"layers": plan[t.label], **settings}) for t in config.teachers}
+    return TeacherCache(config.cache.dir, expected, data_fingerprint(config.data.train))
+
+
+def same_vocabulary(student_tokenizer, model_dir: str | Path) -> bool:
+    """Whether the model in ``model_dir`` has exactly the student tokenizer's vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir).get_vocab() == student_tokenizer.get_vocab()
+    except (OSError, ValueError):
+        return False
+
+
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """A weight factor rising linearly from 1 / warmup_steps at step 0 to 1 at ``warmup_steps``."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def stack_top_k(rows: list[TopKTeacher], offset: int, length: int) -> TopKTeacher:
+    """Place each utterance's top-k rows ``(n_i, k)`` at positions ``offset..offset+n_i`` of a ``(B, length, k)`` grid.
+
+    Positions outside hold a valid placeholder distribution (uniform over k ids, no tail) that the
+    target mask leaves out of every loss.
+    """
+    k = rows[0].indices.shape[-1]
+    indices = torch.arange(k).expand(len(rows), length, k).clone()
+    logprobs = torch.full((len(rows), length, k), -math.log(k))
+    tail = torch.full((len(rows), length), LOG_FLOOR)
+    for row, teacher in enumerate(rows):
+        n = teacher.indices.shape[0]
+        indices[row, offset : offset + n] = teacher.indices
+        logprobs[row, offset : offset + n] = teacher.logprobs.float()
+        tail[row, offset : offset + n] = teacher.tail_logprob.float()
+    return TopKTeacher(indices, logprobs, tail)
+
+
+class WhisperDistillationTask(WhisperTask):
+    """A Whisper student (optionally built from a teacher's layers, optionally LoRA) distilled from the cache."""
+
+    def __init__(self, config, work_dir: Path):
+        from kdforge.models.loading import decoder_prompt_length, load_whisper
+        from kdforge.student.init import init_student
+        from kdforge.student.lora import add_lora
+
+        self.config = config
+        student_dir = config.student.path
+        if student_dir is None:
+            student_dir = work_dir / "student-init"
+            if not (student_dir / "config.json").exists():
+                init_student(config.student.init_from, student_dir, config.student.layers, config.student.num_layers)
+        self.student, self.processor = load_whisper(student_dir, config.audio.audio_ctx)
+        self.tokenizer = self.processor.tokenizer
+        self.prompt_length = decoder_prompt_length(self.tokenizer)
+        self.cache = open_cache(config)
+        records, self.audio = read_training_audio(config.data.train)
+        self.ids = [record.id for record in records]
+        self.train_examples = [self._label_ids(self.cache.text(ENSEMBLE, r.id, "target"), r.path) for r in records]
+        self.logit_teachers = [t.label for t in config.teachers if same_vocabulary(self.tokenizer, t.path)]
+        self._check_cached_labels()
+        self.student_layers, plan = layer_plan(config)
+        alignment = config.alignment
+        self.mapped = [] if alignment is None or alignment.weight == 0 else \
+            [t for t in config.teachers if alignment.teachers is None or t.label in alignment.teachers]
+        self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
+        self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
+        self.teacher_weights = torch.tensor([t.weight for t in self.mapped])
+        self.heads = self._projection_heads() if self.mapped else None
+        if config.student.lora is not None:
+            self.student = add_lora(self.student, config.student.lora)
+        self.student.train()
+        self.step = 0
+
+    def _check_cached_labels(self) -> None:
+        """The logit teachers were teacher-forced on exactly the student's target tokens."""
+        for teacher in self.logit_teachers:
+            for utterance, ids in zip(self.ids, self.train_examples):
+                cached = self.cache.signals(teacher, utterance, ["label_ids"])["label_ids"].tolist()
+                if cached != ids[self.prompt_length :]:
+                    raise KdforgeError(f"the cache's {teacher!r} labels for {utterance!r} are not the student's "
+                                       "target tokens; rebuild the cache")
+
+    def _projection_heads(self) -> torch.nn.ModuleDict:
+        """Student projections (learned, one per mapped layer) and teacher maps (fixed by default)."""
+        alignment = self.config.alignment
+        widths = {t.label: encoder_shape(t.path)[1] for t in self.mapped}
+        student_width = self.student.config.d_model
+        dim = alignment.dim or shared_dimension([student_width, *widths.values()])
+        layers = len(self.student_layers)
+        teachers = torch.nn.ModuleDict({name: TeacherProjection(width, dim, layers, alignment.seed + index,
+                                                                kind=alignment.teacher_map)
+                                        for index, (name, width) in enumerate(widths.items())})
+        return torch.nn.ModuleDict({"student": StudentProjection(student_width, dim, layers, kind=alignment.projection),
+                                    "teachers": teachers})
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        """:meth:`WhisperTask.batch` plus the teachers' cached signals for these utterances.
+
+        Adds ``encoder_frames (B,)`` (the student's frames of speech), ``teacher_topk`` (a
+        :class:`TopKTeacher` on the ``(B, L)`` target grid) when a teacher shares the student's
+        vocabulary, and per mapped teacher ``hidden/<name>`` ``(layers, B, T_s, d_m)``: its cached
+        hidden states resampled to the student's frames (zero beyond them).
+        """
+        batch = super().batch(indices)
+        window = batch["features"].shape[-1] // 2
+        batch["encoder_frames"] = ((batch["frames"] + 1) // 2).clamp(max=window)
+        utterances = [self.ids[i] for i in indices]
+        if self.logit_teachers:
+            teacher = self.logit_teachers[0]
+            rows = [TopKTeacher(s["topk_ids"], s["topk_logprobs"], s["tail_logprob"]) for s in self.cache.batch(
+                teacher, utterances, ["topk_ids", "topk_logprobs", "tail_logprob"])]
+            batch["teacher_topk"] = stack_top_k(rows, self.prompt_length - 1, batch["targets"].shape[1])
+        for teacher in self.mapped:
+            names = [f"hidden.{layer}" for layer in self.teacher_layers[teacher.label]]
+            signals = self.cache.batch(teacher.label, utterances, names)
+            # a teacher without Whisper's window heard more than the student: keep the frames of the window
+            heard = math.ceil(window / 50.0 * self.teacher_rates[teacher.label])
+            lengths = torch.tensor([min(s[names[0]].shape[0], heard) for s in signals])
+            longest = int(lengths.max())
+            per_layer = []
+            for name in names:
+                padded = torch.zeros(len(signals), longest, signals[0][name].shape[-1])
+                for row, s in enumerate(signals):
+                    padded[row, : lengths[row]] = s[name][: lengths[row]].float()
+                per_layer.append(resample_time(padded, lengths, batch["encoder_frames"], window,
+                                               mode=self.config.alignment.resample))
+            batch[f"hidden/{teacher.label}"] = torch.stack(per_layer)
+        return batch
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        from kdforge.data.augment import spec_augment
+        from kdforge.training.objective import token_loss_terms
+
+        features = batch["features"]
+        if self.config.audio.spec_augment is not None and self.student.training:
+            features = spec_augment(features, self.config.audio.spec_augment, batch["frames"])
+        output = self.student(input_features=features, decoder_input_ids=batch["inputs"],
+                              output_hidden_states=bool(self.mapped))
+        objective = self.config.objective
+        warmed = objective.model_copy(update={"weight": objective.weight * linear_warmup(self.step, objective.warmup_steps)})
+        total, terms = token_loss_terms(output.logits, batch.get("teacher_topk"), batch["targets"],
+                                        batch["target_mask"], warmed)
+        if self.mapped:
+            alignment = self.config.alignment
+            terms["lppm"], extra = self._lppm(output.encoder_hidden_states, batch)
+            total = total + alignment.weight * linear_warmup(self.step, alignment.warmup_steps) * terms["lppm"]
+            if extra is not None:
+                terms["infonce"] = extra
+                total = total + alignment.infonce_weight * extra
+        return total, terms
+
+    def _lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The projection-mapping loss, and the InfoNCE term when the teacher maps are learned."""
+        alignment = self.config.alignment
+        window = hidden_states[0].shape[1]
+        mask = torch.arange(window) < batch["encoder_frames"][:, None]
+        student = torch.stack([self.heads["student"](hidden_states[layer], slot)
+                               for slot, layer in enumerate(self.student_layers)])
+        teachers = torch.stack([torch.stack([self.heads["teachers"][t.label](batch[f"hidden/{t.label}"][slot], slot)
+                                             for slot in range(len(self.student_layers))]) for t in self.mapped])
+        if not alignment.pointwise:
+            student = torch.stack([pool_utterance(points, mask) for points in student])
+            teachers = torch.stack([torch.stack([pool_utterance(points, mask) for points in layers]) for layers in teachers])
+            mask = torch.ones(mask.shape[0], 1, dtype=torch.bool)
+        loss = lppm_loss(student, teachers, mask, self.teacher_weights, target=alignment.target,
+                         point_loss=alignment.point_loss, normalize=alignment.normalize)
+        if alignment.teacher_map != "learned":
+            return loss, None
+        # learned teacher maps could collapse every point onto one: contrast each student point with its own
+        contrast = torch.stack([infonce_loss(student[-1][mask], teachers[m, -1][mask]) for m in range(len(self.mapped))])
+        return loss, contrast.mean()

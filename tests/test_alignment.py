@@ -1,0 +1,280 @@
+"""The layer- and point-wise projection mapping (kdforge.alignment), against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pool_utterance,
+                               resample_time, semi_orthogonal, shared_dimension, spherical_centroid,
+                               uniform_layer_map)
+from kdforge.errors import KdforgeError
+from kdforge.losses import cosine_loss, geodesic_loss, mse_loss
+
+
+def gaussian(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_uniform_layer_map_hand_computed():
+    # l * 6 / 4 = 0, 1.5, 3, 4.5, 6: halves round up, not to even (which would give 2 and 4).
+    assert uniform_layer_map([0, 1, 2, 3, 4], student_depth=5, teacher_depth=7) == [0, 2, 3, 5, 6]
+    # l * 4 / 6 = 0, 0.67, 1.33, 2, 2.67, 3.33, 4.
+    assert uniform_layer_map([0, 1, 2, 3, 4, 5, 6], student_depth=7, teacher_depth=5) == [0, 1, 1, 2, 3, 3, 4]
+    # A student as deep as the teacher maps each layer to itself.
+    assert uniform_layer_map([3, 0, 5], student_depth=6, teacher_depth=6) == [3, 0, 5]
+
+
+@pytest.mark.parametrize("student_depth,teacher_depth", [(2, 7), (3, 13), (5, 5), (13, 3), (4, 33)])
+def test_uniform_layer_map_sends_endpoints_to_endpoints(student_depth, teacher_depth):
+    assert uniform_layer_map([0, student_depth - 1], student_depth, teacher_depth) == [0, teacher_depth - 1]
+
+
+@pytest.mark.parametrize("layer", [-1, 5])
+def test_uniform_layer_map_rejects_layers_outside_the_student(layer):
+    with pytest.raises(KdforgeError, match=f"student layer {layer} is outside"):
+        uniform_layer_map([0, layer], student_depth=5, teacher_depth=7)
+
+
+def test_shared_dimension_rounds_the_largest_width_up():
+    assert shared_dimension([384, 512, 256]) == 512
+    assert shared_dimension([384, 513]) == 576
+    assert shared_dimension([1]) == 64
+    assert shared_dimension([100], multiple=32) == 128
+
+
+def test_semi_orthogonal_is_an_isometry_and_deterministic_per_seed():
+    q = semi_orthogonal(24, 40, seed=3)
+    assert q.shape == (40, 24) and q.dtype == torch.float32
+    assert torch.allclose(q.T @ q, torch.eye(24), atol=1e-5)
+    x = gaussian(10, 24, seed=0)
+    assert torch.allclose((x @ q.T).norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+    assert torch.equal(q, semi_orthogonal(24, 40, seed=3))
+    assert not torch.allclose(q, semi_orthogonal(24, 40, seed=4), atol=1e-2)
+    with pytest.raises(KdforgeError, match="out_dim >= in_dim"):
+        semi_orthogonal(40, 24, seed=3)
+
+
+def test_fixed_teacher_projection_has_no_trainable_parameters_and_keeps_norms():
+    projection = TeacherProjection(width=16, dim=64, num_layers=3, seed=7)
+    assert list(projection.parameters()) == []
+    assert "maps" in projection.state_dict()
+    hidden = gaussian(2, 5, 16, seed=1)
+    outputs = [projection(hidden, slot) for slot in range(3)]
+    for output in outputs:
+        assert output.shape == (2, 5, 64)
+        assert torch.allclose(output.norm(dim=-1), hidden.norm(dim=-1), rtol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-2)
+    rebuilt = TeacherProjection(width=16, dim=64, num_layers=3, seed=7)
+    assert torch.equal(rebuilt(hidden, 2), outputs[2])
+    # Teacher seeds 7 and 8 must not share maps between slots (as seed + slot would).
+    assert not torch.allclose(TeacherProjection(16, 64, 3, seed=8)(hidden, 0), outputs[1], atol=1e-2)
+    with pytest.raises(IndexError):
+        projection(hidden, -1)
+
+
+def test_learned_teacher_projection_is_trainable_and_starts_at_the_fixed_maps():
+    fixed = TeacherProjection(16, 64, 2, seed=5)
+    learned = TeacherProjection(16, 64, 2, seed=5, kind="learned")
+    parameters = list(learned.parameters())
+    assert len(parameters) == 2 and all(p.requires_grad for p in parameters)
+    assert all(p.shape == (64, 16) for p in parameters)  # no bias
+    hidden = gaussian(2, 3, 16, seed=2)
+    assert torch.allclose(learned(hidden, 1), fixed(hidden, 1), atol=1e-6)
+
+
+def test_identity_teacher_projection_needs_equal_widths():
+    hidden = gaussian(2, 3, 8, seed=3)
+    assert torch.equal(TeacherProjection(8, 8, 2, seed=0, kind="identity")(hidden, 1), hidden)
+    with pytest.raises(KdforgeError, match="width == dim"):
+        TeacherProjection(8, 16, 2, seed=0, kind="identity")
+
+
+@pytest.mark.parametrize("kind,per_layer", [("linear", 6 * 12 + 12), ("mlp", 6 * 12 + 12 + 12 * 12 + 12)])
+def test_student_projection_shapes_and_parameters(kind, per_layer):
+    projection = StudentProjection(width=6, dim=12, num_layers=2, kind=kind)
+    assert sum(p.numel() for p in projection.parameters()) == 2 * per_layer
+    hidden = gaussian(3, 4, 6, seed=4)
+    assert projection(hidden, 1).shape == (3, 4, 12)
+    assert not torch.allclose(projection(hidden, 0), projection(hidden, 1))
+
+
+def test_resample_linear_places_a_ramp_at_the_new_centres():
+    ramp = torch.arange(6.0).reshape(1, 6, 1)
+    # Output centre i of 4 sits at input position (i + 1/2) * 6/4 - 1/2.
+    out = resample_time(ramp, torch.tensor([6]), torch.tensor([4]), 5)
+    assert out.squeeze().tolist() == pytest.approx([0.25, 1.75, 3.25, 4.75, 0.0])
+    # Upsampling 2 -> 4: positions -0.25, 0.25, 0.75, 1.25, the outer two held at the edge frames.
+    out = resample_time(torch.tensor([[[0.0], [1.0]]]), torch.tensor([2]), torch.tensor([4]), 4)
+    assert out.squeeze().tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+
+
+def test_resample_pool_averages_the_covered_frames():
+    ramp = torch.arange(6.0).reshape(1, 6, 1)
+    out = resample_time(ramp, torch.tensor([6]), torch.tensor([4]), 4, mode="pool")
+    assert out.squeeze().tolist() == pytest.approx([0.5, 1.5, 3.5, 4.5])
+
+
+@pytest.mark.parametrize("mode", ["linear", "pool"])
+def test_resample_reads_only_each_utterances_valid_frames(mode):
+    points = gaussian(3, 8, 4, seed=5)
+    lengths_in, lengths_out = torch.tensor([8, 5, 3]), torch.tensor([6, 4, 2])
+    out = resample_time(points, lengths_in, lengths_out, 7, mode=mode)
+    poisoned = points.clone()
+    poisoned[1, 5:] = 1e6
+    poisoned[2, 3:] = -1e6
+    assert torch.equal(resample_time(poisoned, lengths_in, lengths_out, 7, mode=mode), out)
+    assert out.shape == (3, 7, 4)
+    for b, count in enumerate(lengths_out.tolist()):
+        assert torch.equal(out[b, count:], torch.zeros(7 - count, 4))
+        # Each utterance alone gives the same frames: no leakage across the batch either.
+        alone = resample_time(points[b:b + 1, :lengths_in[b]], lengths_in[b:b + 1], lengths_out[b:b + 1], count,
+                              mode=mode)
+        assert torch.equal(out[b, :count], alone[0])
+
+
+def test_resample_with_equal_lengths_copies_the_valid_frames():
+    points = gaussian(2, 5, 3, seed=6)
+    lengths = torch.tensor([5, 3])
+    out = resample_time(points, lengths, lengths, 5)
+    assert torch.equal(out[0], points[0])
+    assert torch.equal(out[1, :3], points[1, :3]) and torch.equal(out[1, 3:], torch.zeros(2, 3))
+
+
+def test_pool_utterance_ignores_padding():
+    nan, inf = float("nan"), float("inf")
+    points = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [nan, 1e9]], [[5.0, 6.0], [inf, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert pool_utterance(points, mask).tolist() == [[[2.0, 3.0]], [[5.0, 6.0]]]
+
+
+def test_spherical_centroid():
+    point = gaussian(3, 8, seed=7)
+    # Identical directions, whatever their norms and weights, give that direction.
+    copies = torch.stack([point, 2.5 * point, 0.1 * point])
+    assert torch.allclose(spherical_centroid(copies, torch.tensor([0.2, 0.3, 0.5])), unit(point), atol=1e-6)
+    # Two orthogonal unit vectors, weights 3:1: direction (3, 1) / sqrt(10), norms ignored.
+    pair = torch.tensor([[10.0, 0.0], [0.0, 0.5]])
+    expected = torch.tensor([3.0, 1.0]) / math.sqrt(10)
+    centroid = spherical_centroid(pair, torch.tensor([3.0, 1.0]))
+    assert torch.allclose(centroid, expected, atol=1e-6)
+    assert centroid.norm().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_infonce_prefers_matched_pairs_and_is_log_n_for_constant_points():
+    teacher = gaussian(16, 32, seed=8)
+    student = teacher + 0.1 * gaussian(16, 32, seed=9)
+    shuffled = student[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    assert infonce_loss(student, teacher) < infonce_loss(shuffled, teacher) - 1.0
+    constant = torch.ones(16, 32)
+    assert infonce_loss(student, constant).item() == pytest.approx(math.log(16), abs=1e-5)
+    # Against a hand-computed 2-point case: cosines [[1, 0], [0, 1]] at temperature 1.
+    eye = torch.eye(2)
+    expected = -math.log(math.e / (math.e + 1))
+    assert infonce_loss(eye, eye, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+def lppm_inputs(layers=2, batch=2, length=4, dim=8, teachers=3, seed=10):
+    student = gaussian(layers, batch, length, dim, seed=seed)
+    teacher = gaussian(teachers, layers, batch, length, dim, seed=seed + 1)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])[:batch, :length]
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("target", ["sum", "centroid"])
+@pytest.mark.parametrize("point_loss,tolerance", [("geodesic", 2e-3), ("cosine", 1e-6), ("mse", 1e-6)])
+def test_lppm_is_zero_for_identical_points(target, point_loss, tolerance):
+    student, _, mask = lppm_inputs()
+    teachers = torch.stack([student, 3.0 * student])  # same directions, different norms
+    value = lppm_loss(student, teachers, mask, torch.tensor([0.4, 0.6]), target, point_loss)
+    assert value.item() == pytest.approx(0.0, abs=tolerance)
+
+
+def test_lppm_geodesic_of_orthogonal_unit_points_is_a_right_angle():
+    student = torch.zeros(2, 2, 3, 4)
+    student[..., 0] = 1.0
+    teacher = torch.zeros(1, 2, 2, 3, 4)
+    teacher[..., 2] = 1.0
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert lppm_loss(student, teacher, mask, torch.ones(1)).item() == pytest.approx(math.pi / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("target", ["sum", "centroid"])
+def test_lppm_ignores_masked_out_points(target):
+    student, teacher, mask = lppm_inputs()
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    value = lppm_loss(student, teacher, mask, weights, target)
+    student, teacher = student.clone(), teacher.clone()
+    student[:, ~mask] = gaussian(2, int((~mask).sum()), 8, seed=20)
+    teacher[:, :, ~mask] = 1e3
+    assert lppm_loss(student, teacher, mask, weights, target).item() == pytest.approx(value.item(), rel=1e-6)
+    assert value.item() > 0.5
+
+
+@pytest.mark.parametrize("point_loss,function", [("geodesic", geodesic_loss), ("cosine", cosine_loss),
+                                                 ("mse", mse_loss)])
+def test_lppm_sum_is_the_weighted_average_of_per_teacher_losses(point_loss, function):
+    student, teacher, mask = lppm_inputs()
+    per_teacher = []
+    for m in range(3):
+        # Mean over layers of each layer's mean over valid points (every layer has the same count).
+        per_layer = [function(unit(student[layer]), unit(teacher[m, layer]), mask).item() for layer in range(2)]
+        per_teacher.append(sum(per_layer) / 2)
+    expected = (1 * per_teacher[0] + 2 * per_teacher[1] + 5 * per_teacher[2]) / 8
+    value = lppm_loss(student, teacher, mask, torch.tensor([1.0, 2.0, 5.0]), "sum", point_loss)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lppm_centroid_targets_the_normalised_weighted_mean():
+    student, teacher, mask = lppm_inputs()
+    weights = torch.tensor([1.0, 2.0, 5.0])
+    centroid = (weights.reshape(3, 1, 1, 1, 1) * unit(teacher)).sum(0)
+    expected = geodesic_loss(student, centroid, mask.expand(2, 2, 4))
+    value = lppm_loss(student, teacher, mask, weights, "centroid")
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_lppm_centroid_and_sum_differ_between_two_teachers():
+    # Teachers at angles 0 and pi/2, the student halfway: on their centroid, pi/4 from each.
+    student = torch.tensor([1.0, 1.0]).reshape(1, 1, 1, 2)
+    teachers = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(2, 1, 1, 1, 2)
+    mask, weights = torch.ones(1, 1, dtype=torch.bool), torch.ones(2)
+    assert lppm_loss(student, teachers, mask, weights, "centroid").item() == pytest.approx(0.0, abs=2e-3)
+    assert lppm_loss(student, teachers, mask, weights, "sum").item() == pytest.approx(math.pi / 4, abs=1e-6)
+
+
+def test_lppm_mse_without_normalisation_sees_the_norms():
+    student, _, mask = lppm_inputs(teachers=1)
+    teacher = (2.0 * student).unsqueeze(0)
+    assert lppm_loss(student, teacher, mask, torch.ones(1), point_loss="mse").item() == pytest.approx(0.0, abs=1e-6)
+    raw = lppm_loss(student, teacher, mask, torch.ones(1), point_loss="mse", normalize=False)
+    assert raw.item() == pytest.approx(mse_loss(student, 2.0 * student, mask.expand(2, 2, 4)).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("target", ["sum", "centroid"])
+def test_lppm_gradient_reaches_valid_student_points_only(target):
+    student, teacher, mask = lppm_inputs()
+    student.requires_grad_()
+    lppm_loss(student, teacher, mask, torch.tensor([1.0, 1.0, 2.0]), target).backward()
+    assert torch.isfinite(student.grad).all()
+    assert (student.grad[:, mask].abs().sum(-1) > 0).all()
+    assert torch.equal(student.grad[:, ~mask], torch.zeros_like(student.grad[:, ~mask]))
+
+
+def test_lppm_leaves_a_learned_teacher_map_attached():
+    student, teacher, mask = lppm_inputs()
+    teacher.requires_grad_()
+    lppm_loss(student, teacher, mask, torch.ones(3)).backward()
+    assert teacher.grad is not None and teacher.grad[:, :, mask].abs().sum() > 0
+
+
+def test_lppm_rejects_mismatched_shapes():
+    student, teacher, mask = lppm_inputs()
+    with pytest.raises(ValueError, match="do not match"):
+        lppm_loss(student, teacher[:, :, :, :3], mask, torch.ones(3))
+    with pytest.raises(ValueError, match="teacher weights"):
+        lppm_loss(student, teacher, mask, torch.ones(2))

@@ -1,0 +1,147 @@
+"""Distilling ASR teachers into a Whisper student from the cache: layer plan, signals, terms, export."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdforge.config import parse_config
+from kdforge.errors import KdforgeError
+
+
+@pytest.fixture(scope="module")
+def wide_whisper(tiny_whisper, tmp_path_factory):
+    """A second Whisper teacher with the same tokenizer, twice as wide and twice as deep."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    out = tmp_path_factory.mktemp("wide_whisper")
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
+    config = model.config
+    config.d_model, config.encoder_layers, config.encoder_ffn_dim, config.decoder_ffn_dim = 16, 2, 32, 32
+    torch.manual_seed(1)
+    wide = WhisperForConditionalGeneration(config)
+    wide.generation_config = model.generation_config
+    wide.save_pretrained(out)
+    WhisperProcessor.from_pretrained(tiny_whisper).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ctc_teacher(tmp_path_factory):
+    from kdforge.models.ctc import build_ctc_model
+
+    return build_ctc_model(tmp_path_factory.mktemp("ctc") / "model", size="tiny")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path_factory):
+    """The teacher cache of :func:`distill_config`, built once for this module."""
+    from kdforge.teachers.build import build_cache_from_config
+
+    folder = tmp_path_factory.mktemp("distill") / "cache"
+    build_cache_from_config(distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, folder), folder)
+    return folder
+
+
+def distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, **sections):
+    raw = {
+        "task": "asr",
+        "teachers": [{"path": str(wide_whisper), "name": "wide"}, {"path": str(ctc_teacher), "name": "ctc"}],
+        "student": {"init_from": str(tiny_whisper), "num_layers": 1, "lora": {"r": 2, "alpha": 4}},
+        "data": {"train": str(speech), "labelled": 3},
+        "audio": {"audio_ctx": 50},
+        "objective": {"name": "kl", "temperature": 2.0, "ce_weight": 1.0},
+        "alignment": {"weight": 1.0},
+        "cache": {"top_k": 4, "dir": str(cache_dir)},
+        "training": {"steps": 3, "batch_size": 4, "lr": 1e-2, "eval_every": 100, "checkpoint_every": 100},
+    }
+    for section, values in sections.items():
+        raw[section] = values if values is None else {**raw.get(section, {}), **values}
+    return parse_config(raw)
+
+
+def test_the_uniform_layer_map_pairs_every_student_layer(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path):
+    from kdforge.tasks.asr_distill import layer_plan
+
+    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path / "cache")
+    student_layers, plan = layer_plan(config)
+    assert student_layers == [1]  # the student's one encoder layer (0 is the embedding)
+    assert plan == {"wide": [2], "ctc": [1]}  # the last of 3 and of 2 hidden states
+    bad = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path / "cache")
+    bad.teachers[0].layers = [7]
+    with pytest.raises(KdforgeError, match="teacher 'wide' has hidden states 0..2; it lacks layer 7"):
+        layer_plan(bad)
+
+
+def test_distillation_reads_the_cache_and_never_runs_a_teacher(tiny_whisper, wide_whisper, ctc_teacher, speech,
+                                                               cache_dir, tmp_path, monkeypatch):
+    import kdforge.teachers.build as build
+    from kdforge.training.loop import train
+
+    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher ran during training")
+
+    monkeypatch.setattr(build, "transcribe_teacher", no_teacher)
+    monkeypatch.setattr(build, "cache_teacher", no_teacher)
+    result = train(config, tmp_path / "run", show_progress=False)
+    assert result["steps"] == 3
+    import json
+
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert {"ce", "kd", "lppm"} <= set(history[0])
+    exported = load_file(tmp_path / "run" / "student" / "model.safetensors")
+    assert not any("lora" in name or "heads" in name for name in exported)  # merged, projection heads left behind
+    assert not any(".decoder.layers.1." in name for name in exported)  # one decoder layer kept
+
+
+def test_targets_are_references_on_the_labelled_part_and_the_ensemble_elsewhere(tiny_whisper, wide_whisper,
+                                                                                 ctc_teacher, speech, tmp_path, cache_dir):
+    from kdforge.data.audio import labelled_ids, read_metadata
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+    from kdforge.teachers.cache import ENSEMBLE
+
+    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    task = WhisperDistillationTask(config, tmp_path)
+    records = read_metadata(speech)
+    labelled = labelled_ids(records, 3)
+    for record, ids in zip(records, task.train_examples):
+        text = record.transcription if record.id in labelled else task.cache.text(ENSEMBLE, record.id)
+        assert ids == task.tokenizer(" " + text.strip()).input_ids
+    assert task.logit_teachers == ["wide"]  # the CTC teacher's characters are not the student's vocabulary
+
+
+def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whisper, wide_whisper, ctc_teacher,
+                                                                    speech, tmp_path, cache_dir):
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    task = WhisperDistillationTask(config, tmp_path)
+    batch = task.batch([0, 1, 2])
+    frames = batch["encoder_frames"]
+    for name, width in (("wide", 16), ("ctc", 32)):
+        hidden = batch[f"hidden/{name}"]
+        assert hidden.shape == (1, 3, 50, width)
+        for row in range(3):  # zero exactly beyond each utterance's own frames, and not before
+            assert hidden[0, row, frames[row]:].abs().sum() == 0
+            assert hidden[0, row, frames[row] - 1].abs().sum() > 0
+    cached = task.cache.signals("wide", task.ids[0], ["hidden.2"])["hidden.2"].float()
+    torch.testing.assert_close(batch["hidden/wide"][0, 0, : frames[0]], cached[: frames[0]])  # same rate: as cached
+    teacher = batch["teacher_topk"]
+    position = task.prompt_length - 1
+    stored = task.cache.signals("wide", task.ids[0], ["topk_ids"])["topk_ids"]
+    assert torch.equal(teacher.indices[0, position : position + stored.shape[0]], stored)
+    loss, terms = task.loss(batch)
+    heads = [p for p in task.heads.parameters() if p.requires_grad]
+    loss.backward()
+    assert all(p.grad is not None for p in heads)  # the student projections train
+    assert not any(p.requires_grad for p in task.heads["teachers"].parameters())  # the teacher maps are fixed
+
+
+def test_a_stale_cache_is_refused_naming_the_setting(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path, cache_dir):
+    from kdforge.tasks.asr_distill import open_cache
+
+    open_cache(distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir))  # the matching one opens
+    other = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, data={"labelled": 4})
+    with pytest.raises(KdforgeError, match="labelled differ"):
+        open_cache(other)

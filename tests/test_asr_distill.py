@@ -86,6 +86,14 @@ def test_distillation_reads_the_cache_and_never_runs_a_teacher(tiny_whisper, wid
     monkeypatch.setattr(build, "cache_teacher", no_teacher)
     result = train(config, tmp_path / "run", show_progress=False)
     assert result["steps"] == 3
+    assert result["teachers_used"] == {"targets": ["wide", "ctc"], "logit": ["wide"], "lppm": ["wide", "ctc"]}
+    counts = result["parameters"]
+    heads = 8 * 64 + 64  # one linear student projection, width 8 -> the shared 64 dimensions
+    assert counts["trainable"] - counts["adapter"] == heads
+    from transformers import WhisperForConditionalGeneration
+
+    exported_model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "run" / "student")
+    assert counts["student"] == sum(p.numel() for p in exported_model.parameters())
     import json
 
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
@@ -145,3 +153,29 @@ def test_a_stale_cache_is_refused_naming_the_setting(tiny_whisper, wide_whisper,
     other = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, data={"labelled": 4})
     with pytest.raises(KdforgeError, match="labelled differ"):
         open_cache(other)
+
+
+def test_label_only_students_are_built_from_the_teacher_and_start_like_distilled_ones(
+        tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, tmp_path):
+    from kdforge.tasks.asr import WhisperTask
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    labels_only = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir,
+                                 objective={"name": "none"}, alignment=None)
+    labels_only.teachers = []
+    plain = WhisperTask(labels_only, tmp_path / "plain")
+    assert (tmp_path / "plain" / "student-init" / "config.json").exists()
+    assert len(plain.train_examples) == 3  # data.labelled: the labelled part only
+    distilled = WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir),
+                                        tmp_path / "distilled")
+    adapters = {n: p for n, p in plain.student.named_parameters() if "lora_A" in n}
+    assert adapters and all(torch.equal(p, dict(distilled.student.named_parameters())[n]) for n, p in adapters.items())
+
+
+def test_a_cache_of_another_ensemble_is_refused(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir):
+    from kdforge.tasks.asr_distill import open_cache
+
+    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    config.teachers = config.teachers[::-1]
+    with pytest.raises(KdforgeError, match="holds the transcripts of the ensemble wide, ctc, not of ctc, wide"):
+        open_cache(config)

@@ -76,6 +76,10 @@ def test_stale_caches_are_refused_naming_what_differs(world):
         TeacherCache(tmp_path / "cache", expected(teachers), "0" * 16)
     with pytest.raises(KdforgeError, match=r"other settings \(top_k differ\)"):
         TeacherCache(tmp_path / "cache", {"base": (teachers["base"], {**SETTINGS, "top_k": 16})}, data_fingerprint(data))
+    TeacherCache(tmp_path / "cache", {"base": (teachers["base"], {**SETTINGS, "layers": [2]})}, data_fingerprint(data))
+    with pytest.raises(KdforgeError, match=r"other settings \(layers \(1 not cached\) differ\)"):
+        TeacherCache(tmp_path / "cache", {"base": (teachers["base"], {**SETTINGS, "layers": [1, 2]})},
+                     data_fingerprint(data))
     with pytest.raises(KdforgeError, match="has no teacher 'whisper-small'"):
         TeacherCache(tmp_path / "cache", {"whisper-small": (teachers["base"], SETTINGS)}, data_fingerprint(data))
     save_file({"w": torch.zeros(3, 3)}, teachers["ctc"] / "model.safetensors")  # the teacher was retrained

@@ -83,19 +83,20 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_wer(rows: list[dict], path: Path) -> None:
+def plot_wer(rows: list[dict], path: Path, title: str = "ASR teachers: zero-shot, adapted, ensemble") -> None:
     """A bar per row: mean WER with the seed spread as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 3.5))
+    figure, axis = plt.subplots(figsize=(max(8, 0.8 * len(rows)), 4))
     names = [row["method"] for row in rows]
     axis.bar(names, [row["wer"]["mean"] for row in rows], yerr=[row["wer"]["std"] for row in rows], capsize=4,
              color=["#999999" if n.startswith("zeroshot") else "#c44e52" if n == "ensemble" else "#4c72b0" for n in names])
-    axis.set(ylabel="WER (unseen voices)", title="ASR teachers: zero-shot, adapted, ensemble")
-    axis.tick_params(axis="x", labelrotation=20)
+    axis.set(ylabel="WER (unseen voices)", title=title)
+    axis.tick_params(axis="x", labelrotation=30)
+    plt.setp(axis.get_xticklabels(), ha="right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -64,3 +64,26 @@ def bench_asr_teachers(
         + ([f"--audio-ctx {audio_ctx}"] if audio_ctx else []))
     report = asr_teachers.run(members, unadapted, data, out, audio_ctx=audio_ctx, command=command)
     typer.echo(asr_teachers.to_markdown(report))
+
+
+@app.command("asr")
+def bench_asr(
+    out: Path = typer.Option(..., "--out", help="Folder for asr.json, asr.md, asr_wer.png and runs/."),
+    seeds: int = typer.Option(3, min=1, help="Training seeds per student method."),
+    configs: Path = typer.Option(Path("configs/asr"), help="The folder of the method configs."),
+    test: Path = typer.Option(None, help="The unseen-voice test audiofolder (default: the configs' data.eval)."),
+    teachers: Path = typer.Option(None, help="teachers.json of `kdforge bench asr-teachers`, for the teacher, "
+                                  "zero-shot and ensemble rows."),
+    method: list[str] = typer.Option([], "--method", help="Only these method keys (repeatable; default: all)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key in every method's config (repeatable)."),
+) -> None:
+    """Every student row of the comparison, mean and spread over seeds; finished runs are reused."""
+    from kdforge.benchmarks import asr
+    from kdforge.config import load_config
+
+    methods = tuple(method) or tuple(asr.STUDENT_METHODS)
+    test = test or load_config(configs / "lora-lppm.yaml", overrides).data.eval
+    command = " ".join(["kdforge bench asr", f"--out {out}", f"--seeds {seeds}", *[f"--method {m}" for m in method],
+                        *[f"--set {o}" for o in overrides]] + ([f"--teachers {teachers}"] if teachers else []))
+    report = asr.run(out, configs, methods, seeds, Path(test), teachers, tuple(overrides), command)
+    typer.echo(asr.to_markdown(report))

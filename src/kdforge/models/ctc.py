@@ -58,7 +58,8 @@ def build_ctc_model(out_dir: str | Path, size: str = "small", frame_stack: int =
                                 # kdforge's own SpecAugment is the augmentation; the model's built-in masking
                                 # and layer drop on top of it kept a 32-utterance run on the CTC plateau
                                 # for 150 steps, where without them its loss fell from 2.9 to 0.06
-                                apply_spec_augment=False, layerdrop=0.0, final_dropout=0.0, **SIZES[size])
+                                apply_spec_augment=False, layerdrop=0.0, final_dropout=0.0, hidden_dropout=0.1,
+                                **SIZES[size])
     config.kdforge_frame_stack = frame_stack
     Wav2Vec2BertForCTC(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -37,6 +37,18 @@ def read_training_audio(data_dir: str, labelled: int | None = None) -> tuple[lis
     return records, audio
 
 
+def student_folder(config, work_dir: Path) -> Path:
+    """``student.path``, or the student built from ``student.init_from`` once, in ``work_dir/student-init``."""
+    from kdforge.student.init import init_student
+
+    if config.student.path is not None:
+        return config.student.path
+    folder = work_dir / "student-init"
+    if not (folder / "config.json").exists():
+        init_student(config.student.init_from, folder, config.student.layers, config.student.num_layers)
+    return folder
+
+
 def word_error_rates(recognizer, model: torch.nn.Module, eval_dir: str | None) -> dict[str, float]:
     """WER and CER of ``recognizer`` (built on ``model``) on ``eval_dir``; {} without eval data."""
     from kdforge.evaluation.runner import evaluate_recognizer
@@ -62,11 +74,12 @@ class WhisperTask:
         from kdforge.student.lora import add_lora
 
         self.config = config
-        self.student, self.processor = load_whisper(config.student.path, config.audio.audio_ctx)
+        self.student, self.processor = load_whisper(student_folder(config, work_dir), config.audio.audio_ctx)
         self.student.train()
         self.tokenizer = self.processor.tokenizer
         self.prompt_length = decoder_prompt_length(self.tokenizer)
         if config.student.lora is not None:
+            torch.manual_seed(config.training.seed)  # the same adapters whether or not student-init was just built
             self.student = add_lora(self.student, config.student.lora)
         records, self.audio = read_training_audio(config.data.train, config.data.labelled)
         self.train_examples = [self._label_ids(r.transcription, r.path) for r in records]

@@ -86,7 +86,12 @@ def open_cache(config, show_progress: bool = True) -> TeacherCache:
         build_cache_from_config(config, config.cache.dir)
     settings = {"top_k": config.cache.top_k, "audio_ctx": config.audio.audio_ctx, "labelled": config.data.labelled}
     expected = {t.label: (t.path, {"layers": plan[t.label], **settings}) for t in config.teachers}
-    return TeacherCache(config.cache.dir, expected, data_fingerprint(config.data.train))
+    cache = TeacherCache(config.cache.dir, expected, data_fingerprint(config.data.train))
+    members = cache.members()
+    if members != [t.label for t in config.teachers]:  # their order breaks ties in the ensemble's vote
+        raise KdforgeError(f"the teacher cache {config.cache.dir} holds the transcripts of the ensemble "
+                           f"{', '.join(members)}, not of {', '.join(t.label for t in config.teachers)}; rebuild it")
+    return cache
 
 
 def same_vocabulary(student_tokenizer, model_dir: str | Path) -> bool:
@@ -100,8 +105,8 @@ def same_vocabulary(student_tokenizer, model_dir: str | Path) -> bool:
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
-    """A weight factor rising linearly from 1 / warmup_steps at step 0 to 1 at ``warmup_steps``."""
-    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    """A weight factor rising linearly from 0 at step 0 to 1 at ``warmup_steps``."""
+    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
 
 
 def stack_top_k(rows: list[TopKTeacher], offset: int, length: int) -> TopKTeacher:
@@ -127,16 +132,11 @@ class WhisperDistillationTask(WhisperTask):
 
     def __init__(self, config, work_dir: Path):
         from kdforge.models.loading import decoder_prompt_length, load_whisper
-        from kdforge.student.init import init_student
         from kdforge.student.lora import add_lora
+        from kdforge.tasks.asr import student_folder
 
         self.config = config
-        student_dir = config.student.path
-        if student_dir is None:
-            student_dir = work_dir / "student-init"
-            if not (student_dir / "config.json").exists():
-                init_student(config.student.init_from, student_dir, config.student.layers, config.student.num_layers)
-        self.student, self.processor = load_whisper(student_dir, config.audio.audio_ctx)
+        self.student, self.processor = load_whisper(student_folder(config, work_dir), config.audio.audio_ctx)
         self.tokenizer = self.processor.tokenizer
         self.prompt_length = decoder_prompt_length(self.tokenizer)
         self.cache = open_cache(config)
@@ -144,6 +144,9 @@ class WhisperDistillationTask(WhisperTask):
         self.ids = [record.id for record in records]
         self.train_examples = [self._label_ids(self.cache.text(ENSEMBLE, r.id, "target"), r.path) for r in records]
         self.logit_teachers = [t.label for t in config.teachers if same_vocabulary(self.tokenizer, t.path)]
+        if len(self.logit_teachers) > 1:
+            raise KdforgeError(f"teachers {', '.join(self.logit_teachers)} all share the student's vocabulary; the logit "
+                               "terms take one such teacher for now: keep one, or set objective.name none")
         self._check_cached_labels()
         self.student_layers, plan = layer_plan(config)
         alignment = config.alignment
@@ -152,11 +155,21 @@ class WhisperDistillationTask(WhisperTask):
         self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
         self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
         self.teacher_weights = torch.tensor([t.weight for t in self.mapped])
-        self.heads = self._projection_heads() if self.mapped else None
+        # seeded here, so every method and a resumed run start from the same adapters and heads
+        torch.manual_seed(config.training.seed)
         if config.student.lora is not None:
             self.student = add_lora(self.student, config.student.lora)
+        torch.manual_seed(config.training.seed + 1)
+        self.heads = self._projection_heads() if self.mapped else None
         self.student.train()
         self.step = 0
+
+    def teachers_used(self) -> dict[str, list[str]]:
+        """Which teachers fed which term: ``targets`` (the ensemble's transcripts), ``logit``, ``lppm``."""
+        objective = self.config.objective
+        logit = objective.name != "none" and objective.weight > 0 or objective.rlkd is not None
+        return {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
+                "logit": self.logit_teachers[:1] if logit else [], "lppm": [t.label for t in self.mapped]}
 
     def _check_cached_labels(self) -> None:
         """The logit teachers were teacher-forced on exactly the student's target tokens."""

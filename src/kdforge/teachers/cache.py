@@ -140,6 +140,8 @@ class TeacherCache:
 
     The ensemble's transcripts, when the cache has them, are read as teacher :data:`ENSEMBLE`.
 
+    A cache holding more hidden-state layers than ``expected`` names serves the run.
+
     Raises:
         KdforgeError: a teacher is missing, or its model, settings or the data differ (named).
     """
@@ -158,14 +160,23 @@ class TeacherCache:
             if entry["model"].get("weights_sha256") != model_identity(model_dir)["weights_sha256"]:
                 raise KdforgeError(f"the teacher cache {root} holds another model for {name!r} "
                                    f"(cached {entry['model']['path']}, now {model_dir}); rebuild it")
-            if entry["settings_hash"] != settings_hash(settings):
-                changed = sorted(k for k in {*settings, *entry["settings"]} if settings.get(k) != entry["settings"].get(k))
+            cached = entry["settings"]
+            changed = sorted(k for k in {*settings, *cached} - {"layers"} if settings.get(k) != cached.get(k))
+            absent = sorted(set(settings.get("layers") or []) - set(cached.get("layers") or []))
+            if absent:  # a cache holding more layers than a run maps serves it
+                changed.append(f"layers ({absent[0]} not cached)")
+            if changed:
                 raise KdforgeError(f"the teacher cache {root} was built for {name!r} with other settings "
                                    f"({', '.join(changed)} differ); rebuild it")
             self.locations[name] = self._index(entry)
+        self._members = manifest["teachers"].get(ENSEMBLE, {}).get("model", {}).get("members", [])
         if ENSEMBLE in manifest["teachers"]:
             self.locations[ENSEMBLE] = self._index(manifest["teachers"][ENSEMBLE])
         self._checked: set[str] = set()
+
+    def members(self) -> list[str]:
+        """The teachers, in order, whose transcripts the ensemble entry was chosen from."""
+        return list(self._members)
 
     @staticmethod
     def _index(entry: dict) -> dict[str, dict]:

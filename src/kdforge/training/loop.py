@@ -69,6 +69,17 @@ def accumulate_gradients(task, micro_batches: list[dict], out_dir: Path, step: i
     return logged
 
 
+def parameter_counts(task, trainable: dict[str, torch.nn.Parameter]) -> dict[str, int]:
+    """``student``: the exported student's parameters (adapters merged); ``trainable``: what the
+    optimizer steps (adapters or weights, plus training-only heads); ``adapter``: the trainable part
+    that ships with the student (LoRA, or every trained weight without LoRA)."""
+    heads = getattr(task, "heads", None)
+    head_count = sum(p.numel() for p in heads.parameters() if p.requires_grad) if heads is not None else 0
+    total = sum(p.numel() for name, p in task.student.named_parameters() if "lora_" not in name)
+    trained = sum(p.numel() for p in trainable.values())
+    return {"student": total, "trainable": trained, "adapter": trained - head_count}
+
+
 def build_task(config: RunConfig, out_dir: Path):
     """The recipe object for ``config.task`` (models, data, loss, evaluation, export)."""
     if config.task == "asr":
@@ -163,7 +174,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     evaluations = [e["eval"] for e in history if "eval" in e]
     result = {"steps": settings.steps, "train_seconds": time.perf_counter() - started,
               "final_loss": history[-1]["loss"] if history else None,
-              "eval": evaluations[-1] if evaluations else {}}
+              "eval": evaluations[-1] if evaluations else {}, "parameters": parameter_counts(task, trainable)}
+    if hasattr(task, "teachers_used"):
+        result["teachers_used"] = task.teachers_used()
     plot_history(history, out_dir / "curves.png")
     write_json_atomic(out_dir / "result.json", result)
     return result

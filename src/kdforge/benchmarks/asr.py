@@ -1,0 +1,134 @@
+"""``kdforge bench asr``: the student rows of the method comparison (issue: LPPM + LoRA student).
+
+Every student row is one config of ``configs/asr`` plus overrides (the ablations), trained with
+the same data, labels, step budget and teacher cache, once per seed, then scored on the
+unseen-voice test split (WER/CER with jiwer, utterances per second at batch 8 on this machine).
+Finished runs in ``OUT/runs`` are reused, so an interrupted benchmark continues. Teacher,
+zero-shot and ensemble rows come from ``kdforge bench asr-teachers`` (its ``teachers.json``).
+Writes ``asr.json``, ``asr.md`` and ``asr_wer.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from kdforge.benchmarks.asr_teachers import plot_wer, spread
+from kdforge.benchmarks.machine import describe_machine, machine_line
+from kdforge.config import load_config
+from kdforge.errors import KdforgeError
+from kdforge.evaluation.runner import evaluate
+from kdforge.files import write_json_atomic, write_text_atomic
+from kdforge.training.loop import train
+
+#: method key -> (config in configs/asr, overrides): the student rows of the comparison.
+STUDENT_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora_ce": ("lora-ce.yaml", ()),
+    "lora_seq_kd": ("lora-seq-kd.yaml", ()),
+    "lora_logit_kd": ("lora-logit-kd.yaml", ()),
+    "lora_hidden_mse": ("lora-logit-kd.yaml", (
+        "alignment={weight: 1.0, teachers: [whisper-base], student_layers: [4], teacher_map: identity, "
+        "normalize: false, point_loss: mse, dim: 512}",)),
+    "lora_lppm": ("lora-lppm.yaml", ()),
+    "lora_lppm_rlkd": ("lora-lppm-rlkd.yaml", ()),
+    "full_ft_lppm": ("lora-lppm.yaml", ("student.lora=null", "training.lr=1.0e-4")),
+    "ablation:no_layerwise": ("lora-lppm.yaml", ("alignment.student_layers=[4]",)),
+    "ablation:no_pointwise": ("lora-lppm.yaml", ("alignment.pointwise=false",)),
+    "ablation:single_teacher": ("lora-lppm.yaml", ("alignment.teachers=[whisper-base]",)),
+    "ablation:learned_teacher_proj": ("lora-lppm.yaml", ("alignment.teacher_map=learned",)),
+}
+#: The reduced set ``kdforge demo`` and ``--quick`` run.
+CORE_METHODS = ("lora_ce", "lora_logit_kd", "lora_lppm", "lora_lppm_rlkd")
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters stored in a model folder's safetensors files (tied weights are saved once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    return total
+
+
+def train_row(method: str, configs: Path, out: Path, seed: int, extra: tuple[str, ...] = ()) -> Path:
+    """Train (or reuse) one seed of one method; returns its run folder."""
+    config_name, overrides = STUDENT_METHODS[method]
+    run_dir = out / "runs" / f"{method.replace(':', '-')}-s{seed}"
+    if not (run_dir / "result.json").exists():
+        config = load_config(configs / config_name, [*overrides, f"training.seed={seed}", *extra])
+        train(config, run_dir, resume=(run_dir / "config.json").exists())
+    return run_dir
+
+
+def student_row(method: str, run_dirs: list[Path], test_dir: Path, teacher_params: dict[str, int]) -> dict:
+    """Scores over seeds and the parameter accounting of one student method."""
+    results = [json.loads((run / "result.json").read_text()) for run in run_dirs]
+    scores = [evaluate(run / "student", test_dir, batch_size=8) for run in run_dirs]
+    counts = results[0]["parameters"]
+    largest, ensemble = max(teacher_params.values()), sum(teacher_params.values())
+    return {
+        "method": method, "seeds": len(run_dirs),
+        "wer": spread([s["wer"] for s in scores]), "cer": spread([s["cer"] for s in scores]),
+        "wer_std": statistics.stdev([s["wer"] for s in scores]) if len(scores) > 1 else 0.0,
+        "utterances_per_s": spread([s["utterances_per_s"] for s in scores]),
+        "train_seconds": spread([r["train_seconds"] for r in results]),
+        "params": counts["student"], "trainable_params": counts["trainable"], "adapter_params": counts["adapter"],
+        "trainable_pct_of_largest_teacher": 100 * counts["trainable"] / largest,
+        "trainable_pct_of_ensemble": 100 * counts["trainable"] / ensemble,
+        "adapter_pct_of_largest_teacher": 100 * counts["adapter"] / largest,
+        "adapter_pct_of_ensemble": 100 * counts["adapter"] / ensemble,
+        "teachers_used": results[0].get("teachers_used", {}),
+    }
+
+
+def run(out: Path, configs: Path, methods: tuple[str, ...], seeds: int, test_dir: Path,
+        teachers_report: Path | None = None, overrides: tuple[str, ...] = (), command: str = "") -> dict:
+    """Train and score every (method, seed); merge the teacher rows; write the report files.
+
+    Raises:
+        KdforgeError: an unknown method key.
+    """
+    unknown = [m for m in methods if m not in STUDENT_METHODS]
+    if unknown:
+        raise KdforgeError(f"unknown method {unknown[0]!r}; known: {', '.join(STUDENT_METHODS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {m: [train_row(m, configs, out, seed, overrides) for seed in range(seeds)] for m in methods}
+    some_config = load_config(configs / STUDENT_METHODS["lora_lppm"][0], list(overrides))
+    teacher_params = {t.label: count_parameters(t.path) for t in some_config.teachers}
+    rows = []
+    if teachers_report is not None:
+        rows += json.loads(Path(teachers_report).read_text())["rows"]
+    init_dir = next((d / "student-init" for dirs in runs.values() for d in dirs if (d / "student-init").exists()), None)
+    if init_dir is not None:
+        base = evaluate(init_dir, test_dir, batch_size=8)
+        rows.append({"method": "student_base", "seeds": 1, **{k: spread([base[k]]) for k in ("wer", "cer", "utterances_per_s")},
+                     "params": count_parameters(init_dir)})
+    rows += [student_row(m, dirs, test_dir, teacher_params) for m, dirs in runs.items()]
+    report = {"command": command, "machine": describe_machine(), "test": str(test_dir), "seeds": seeds,
+              "teacher_params": teacher_params, "rows": rows}
+    write_json_atomic(out / "asr.json", report)
+    write_text_atomic(out / "asr.md", to_markdown(report))
+    plot_wer(rows, out / "asr_wer.png", title="ASR: teachers, ensemble and students (unseen voices)")
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"Machine: {machine_line(report['machine'])}", "", f"Command: `{report['command']}`", "",
+             "| method | seeds | WER | CER | utt/s | trainable (% largest / % ensemble) | shipped adapter (% largest) "
+             "| train s | teachers used |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        wer, cer = row["wer"], row["cer"]
+        share = (f"{row['trainable_params'] / 1e6:.2f}M ({row['trainable_pct_of_largest_teacher']:.2f}% / "
+                 f"{row['trainable_pct_of_ensemble']:.2f}%)" if "trainable_params" in row else "")
+        adapter = (f"{row['adapter_params'] / 1e6:.2f}M ({row['adapter_pct_of_largest_teacher']:.2f}%)"
+                   if "adapter_params" in row else "")
+        seconds = f"{row['train_seconds']['mean']:.0f}" if "train_seconds" in row else ""
+        used = "; ".join(f"{term}: {', '.join(names)}" for term, names in row.get("teachers_used", {}).items() if names)
+        lines.append(f"| {row['method']} | {row['seeds']} | {wer['mean']:.3f} ± {wer['std']:.3f} | "
+                     f"{cer['mean']:.3f} ± {cer['std']:.3f} | {row['utterances_per_s']['mean']:.1f} | {share} | "
+                     f"{adapter} | {seconds} | {used} |")
+    return "\n".join(lines) + "\n"

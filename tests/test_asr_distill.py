@@ -45,7 +45,7 @@ def cache_dir(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path_factory)
 def distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, **sections):
     raw = {
         "task": "asr",
-        "teachers": [{"path": str(wide_whisper), "name": "wide"}, {"path": str(ctc_teacher), "name": "ctc"}],
+        "teachers": [{"path": str(wide_whisper), "name": "wide"}, {"path": str(ctc_teacher), "name": "ctc.v1"}],
         "student": {"init_from": str(tiny_whisper), "num_layers": 1, "lora": {"r": 2, "alpha": 4}},
         "data": {"train": str(speech), "labelled": 3},
         "audio": {"audio_ctx": 50},
@@ -65,7 +65,7 @@ def test_the_uniform_layer_map_pairs_every_student_layer(tiny_whisper, wide_whis
     config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path / "cache")
     student_layers, plan = layer_plan(config)
     assert student_layers == [1]  # the student's one encoder layer (0 is the embedding)
-    assert plan == {"wide": [2], "ctc": [1]}  # the last of 3 and of 2 hidden states
+    assert plan == {"wide": [2], "ctc.v1": [1]}  # the last of 3 and of 2 hidden states
     bad = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path / "cache")
     bad.teachers[0].layers = [7]
     with pytest.raises(KdforgeError, match="teacher 'wide' has hidden states 0..2; it lacks layer 7"):
@@ -86,7 +86,7 @@ def test_distillation_reads_the_cache_and_never_runs_a_teacher(tiny_whisper, wid
     monkeypatch.setattr(build, "cache_teacher", no_teacher)
     result = train(config, tmp_path / "run", show_progress=False)
     assert result["steps"] == 3
-    assert result["teachers_used"] == {"targets": ["wide", "ctc"], "logit": ["wide"], "lppm": ["wide", "ctc"]}
+    assert result["teachers_used"] == {"targets": ["wide", "ctc.v1"], "logit": ["wide"], "lppm": ["wide", "ctc.v1"]}
     counts = result["parameters"]
     heads = 8 * 64 + 64  # one linear student projection, width 8 -> the shared 64 dimensions
     assert counts["trainable"] - counts["adapter"] == heads
@@ -127,7 +127,7 @@ def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whispe
     task = WhisperDistillationTask(config, tmp_path)
     batch = task.batch([0, 1, 2])
     frames = batch["encoder_frames"]
-    for name, width in (("wide", 16), ("ctc", 32)):
+    for name, width in (("wide", 16), ("ctc.v1", 32)):
         hidden = batch[f"hidden/{name}"]
         assert hidden.shape == (1, 3, 50, width)
         for row in range(3):  # zero exactly beyond each utterance's own frames, and not before
@@ -177,5 +177,5 @@ def test_a_cache_of_another_ensemble_is_refused(tiny_whisper, wide_whisper, ctc_
 
     config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
     config.teachers = config.teachers[::-1]
-    with pytest.raises(KdforgeError, match="holds the transcripts of the ensemble wide, ctc, not of ctc, wide"):
+    with pytest.raises(KdforgeError, match="holds the transcripts of the ensemble wide, ctc.v1, not of ctc.v1, wide"):
         open_cache(config)

@@ -187,9 +187,10 @@ class WhisperDistillationTask(WhisperTask):
         student_width = self.student.config.d_model
         dim = alignment.dim or shared_dimension([student_width, *widths.values()])
         layers = len(self.student_layers)
-        teachers = torch.nn.ModuleDict({name: TeacherProjection(width, dim, layers, alignment.seed + index,
-                                                                kind=alignment.teacher_map)
-                                        for index, (name, width) in enumerate(widths.items())})
+        # a list in the order of self.mapped: teacher names such as "whisper-tiny.en" are not module names
+        teachers = torch.nn.ModuleList([TeacherProjection(width, dim, layers, alignment.seed + index,
+                                                          kind=alignment.teacher_map)
+                                        for index, width in enumerate(widths.values())])
         return torch.nn.ModuleDict({"student": StudentProjection(student_width, dim, layers, kind=alignment.projection),
                                     "teachers": teachers})
 
@@ -256,8 +257,9 @@ class WhisperDistillationTask(WhisperTask):
         mask = torch.arange(window) < batch["encoder_frames"][:, None]
         student = torch.stack([self.heads["student"](hidden_states[layer], slot)
                                for slot, layer in enumerate(self.student_layers)])
-        teachers = torch.stack([torch.stack([self.heads["teachers"][t.label](batch[f"hidden/{t.label}"][slot], slot)
-                                             for slot in range(len(self.student_layers))]) for t in self.mapped])
+        teachers = torch.stack([torch.stack([self.heads["teachers"][m](batch[f"hidden/{t.label}"][slot], slot)
+                                             for slot in range(len(self.student_layers))])
+                                for m, t in enumerate(self.mapped)])
         if not alignment.pointwise:
             student = torch.stack([pool_utterance(points, mask) for points in student])
             teachers = torch.stack([torch.stack([pool_utterance(points, mask) for points in layers]) for layers in teachers])

@@ -93,6 +93,11 @@ class ObjectiveConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0, description="Steps over which the base objective's weight rises linearly from 0.")
     rlkd: RLKDConfig | None = None
 
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """Whether a term compares the student's distribution with a teacher's (the base objective or RLKD)."""
+        return (self.name != "none" and self.weight > 0) or (self.rlkd is not None and self.rlkd.weight > 0)
+
     def base_options(self) -> dict[str, float]:
         """The keyword arguments the chosen base objective takes beyond logits, mask and temperature."""
         return {"jsd": {"beta": self.beta}, "skl": {"alpha": self.alpha}, "srkl": {"alpha": self.alpha},
@@ -185,8 +190,7 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _terms_and_teachers(self) -> "RunConfig":
         objective = self.objective
-        distils = ((objective.name != "none" and objective.weight > 0) or (objective.rlkd is not None and objective.rlkd.weight > 0)
-                   or (self.alignment is not None and self.alignment.weight > 0))
+        distils = objective.uses_teacher_logits or (self.alignment is not None and self.alignment.weight > 0)
         if not distils and objective.ce_weight == 0:
             raise ValueError("no loss term is active: set objective.ce_weight, a base objective, rlkd or alignment with a weight")
         if distils and not self.teachers:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 
 from kdforge.benchmarks.asr_teachers import plot_wer, spread
@@ -70,10 +69,10 @@ def student_row(method: str, run_dirs: list[Path], test_dir: Path, teacher_param
     scores = [evaluate(run / "student", test_dir, batch_size=8) for run in run_dirs]
     counts = results[0]["parameters"]
     largest, ensemble = max(teacher_params.values()), sum(teacher_params.values())
+    wer = spread([s["wer"] for s in scores])
     return {
         "method": method, "seeds": len(run_dirs),
-        "wer": spread([s["wer"] for s in scores]), "cer": spread([s["cer"] for s in scores]),
-        "wer_std": statistics.stdev([s["wer"] for s in scores]) if len(scores) > 1 else 0.0,
+        "wer": wer, "cer": spread([s["cer"] for s in scores]), "wer_std": wer["std"],
         "utterances_per_s": spread([s["utterances_per_s"] for s in scores]),
         "train_seconds": spread([r["train_seconds"] for r in results]),
         "params": counts["student"], "trainable_params": counts["trainable"], "adapter_params": counts["adapter"],

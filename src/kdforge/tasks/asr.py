@@ -71,18 +71,26 @@ class WhisperTask:
     selection_metric = "wer"  # the best checkpoint has the lowest validation WER
 
     def __init__(self, config, work_dir: Path):
-        from kdforge.student.lora import add_lora
-
         self.config = config
-        self.student, self.processor = load_whisper(student_folder(config, work_dir), config.audio.audio_ctx)
+        self._load_student(work_dir)
+        self._add_adapters()
         self.student.train()
-        self.tokenizer = self.processor.tokenizer
-        self.prompt_length = decoder_prompt_length(self.tokenizer)
-        if config.student.lora is not None:
-            torch.manual_seed(config.training.seed)  # the same adapters whether or not student-init was just built
-            self.student = add_lora(self.student, config.student.lora)
         records, self.audio = read_training_audio(config.data.train, config.data.labelled)
         self.train_examples = [self._label_ids(r.transcription, r.path) for r in records]
+
+    def _load_student(self, work_dir: Path) -> None:
+        """The student model, its processor and tokenizer, and the length of its decoder prompt."""
+        self.student, self.processor = load_whisper(student_folder(self.config, work_dir), self.config.audio.audio_ctx)
+        self.tokenizer = self.processor.tokenizer
+        self.prompt_length = decoder_prompt_length(self.tokenizer)
+
+    def _add_adapters(self) -> None:
+        """LoRA as the config says, seeded: the same adapters whether or not student-init was just built."""
+        from kdforge.student.lora import add_lora
+
+        if self.config.student.lora is not None:
+            torch.manual_seed(self.config.training.seed)
+            self.student = add_lora(self.student, self.config.student.lora)
 
     def _label_ids(self, text: str, where: Path) -> list[int]:
         ids = self.tokenizer(" " + text.strip()).input_ids

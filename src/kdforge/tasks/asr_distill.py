@@ -74,7 +74,7 @@ def layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
     return student_layers, plan
 
 
-def open_cache(config, show_progress: bool = True) -> TeacherCache:
+def open_cache(config) -> TeacherCache:
     """The run's teacher cache (``cache.dir``), built first if the folder does not exist yet."""
     from kdforge.teachers.build import build_cache_from_config
 
@@ -131,14 +131,8 @@ class WhisperDistillationTask(WhisperTask):
     """A Whisper student (optionally built from a teacher's layers, optionally LoRA) distilled from the cache."""
 
     def __init__(self, config, work_dir: Path):
-        from kdforge.models.loading import decoder_prompt_length, load_whisper
-        from kdforge.student.lora import add_lora
-        from kdforge.tasks.asr import student_folder
-
         self.config = config
-        self.student, self.processor = load_whisper(student_folder(config, work_dir), config.audio.audio_ctx)
-        self.tokenizer = self.processor.tokenizer
-        self.prompt_length = decoder_prompt_length(self.tokenizer)
+        self._load_student(work_dir)
         self.cache = open_cache(config)
         records, self.audio = read_training_audio(config.data.train)
         self.ids = [record.id for record in records]
@@ -155,21 +149,17 @@ class WhisperDistillationTask(WhisperTask):
         self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
         self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
         self.teacher_weights = torch.tensor([t.weight for t in self.mapped])
-        # seeded here, so every method and a resumed run start from the same adapters and heads
-        torch.manual_seed(config.training.seed)
-        if config.student.lora is not None:
-            self.student = add_lora(self.student, config.student.lora)
-        torch.manual_seed(config.training.seed + 1)
+        self._add_adapters()
+        torch.manual_seed(config.training.seed + 1)  # the same heads whether or not student-init was just built
         self.heads = self._projection_heads() if self.mapped else None
         self.student.train()
         self.step = 0
 
     def teachers_used(self) -> dict[str, list[str]]:
         """Which teachers fed which term: ``targets`` (the ensemble's transcripts), ``logit``, ``lppm``."""
-        objective = self.config.objective
-        logit = objective.name != "none" and objective.weight > 0 or objective.rlkd is not None
+        logit = self.logit_teachers if self.config.objective.uses_teacher_logits else []
         return {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
-                "logit": self.logit_teachers[:1] if logit else [], "lppm": [t.label for t in self.mapped]}
+                "logit": logit, "lppm": [t.label for t in self.mapped]}
 
     def _check_cached_labels(self) -> None:
         """The logit teachers were teacher-forced on exactly the student's target tokens."""
@@ -206,7 +196,7 @@ class WhisperDistillationTask(WhisperTask):
         window = batch["features"].shape[-1] // 2
         batch["encoder_frames"] = ((batch["frames"] + 1) // 2).clamp(max=window)
         utterances = [self.ids[i] for i in indices]
-        if self.logit_teachers:
+        if self.logit_teachers and self.config.objective.uses_teacher_logits:
             teacher = self.logit_teachers[0]
             rows = [TopKTeacher(s["topk_ids"], s["topk_logprobs"], s["tail_logprob"]) for s in self.cache.batch(
                 teacher, utterances, ["topk_ids", "topk_logprobs", "tail_logprob"])]

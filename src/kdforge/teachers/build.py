@@ -53,9 +53,9 @@ def _top_k_fields(logits: Tensor, k: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def whisper_signals(recognizer, audio: list[np.ndarray], texts: list[str], layers: list[int], k: int) -> list[dict]:
-    """A Whisper teacher's (a :class:`WhisperRecognizer`) hidden states and top-k teacher-forced on ``texts``."""
-    model, processor = recognizer.model, recognizer.processor
+def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str], layers: list[int],
+                    k: int) -> list[dict]:
+    """A Whisper teacher's hidden states and top-k teacher-forced on ``texts``, for one batch."""
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
     encoded = model.model.encoder(features, output_hidden_states=True)
@@ -125,13 +125,12 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
         def signals(batch_audio, texts):
             return ctc_signals(model, extractor, batch_audio, layers, k)
     else:
-        from kdforge.evaluation.recognizers import WhisperRecognizer
         from kdforge.models.loading import load_whisper
 
-        recognizer = WhisperRecognizer(*load_whisper(model_dir, audio_ctx))
+        model, processor = load_whisper(model_dir, audio_ctx)
 
         def signals(batch_audio, texts):
-            return whisper_signals(recognizer, batch_audio, texts, layers, k)
+            return whisper_signals(model, processor, batch_audio, texts, layers, k)
     for start in range(0, len(records), batch_size):
         batch = slice(start, start + batch_size)
         for record, tensors, transcript in zip(records[batch], signals(audio[batch], targets[batch]), transcripts[batch]):

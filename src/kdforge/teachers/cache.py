@@ -194,9 +194,10 @@ class TeacherCache:
             self._checked.add(shard["file"])
         prefix = f"{utterance_id}/"
         with safe_open(path, framework="pt") as handle:
+            available = set(handle.keys())
             keys = [f"{prefix}{name}" for name in names] if names is not None else \
-                [key for key in handle.keys() if key.startswith(prefix)]
-            missing = [key for key in keys if key not in handle.keys()]
+                [key for key in available if key.startswith(prefix)]
+            missing = [key for key in keys if key not in available]
             if missing:
                 raise KdforgeError(f"the teacher cache has no {missing[0]!r} from {teacher!r}: rebuild it")
             return {key[len(prefix):]: handle.get_tensor(key) for key in keys}

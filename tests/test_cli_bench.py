@@ -14,15 +14,16 @@ def run_kdforge(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
-    done = run_kdforge("demo", "--out", str(tmp_path / "demo"))
+    done = run_kdforge("demo", "--out", str(tmp_path / "demo"), "--configs", str(tmp_path / "no-configs"))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdforge: error: the demo is not built yet")
+    assert lines == [f"kdforge: error: {tmp_path / 'no-configs'} lacks teachers/ and asr/: pass the repository's "
+                     "configs folder with --configs"]
     assert not (tmp_path / "demo").exists()
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    done = run_kdforge("--debug", "demo", "--out", str(tmp_path / "demo"))
+    done = run_kdforge("--debug", "demo", "--out", str(tmp_path / "demo"), "--configs", str(tmp_path / "no-configs"))
     assert done.returncode != 0 and "Traceback" in done.stderr and "KdforgeError" in done.stderr
 
 

@@ -95,3 +95,34 @@ def test_teacher_benchmark_rows_agree_with_single_evaluations(tiny_whisper, spee
     assert report["ensemble_beats_best_member"] == (rows["ensemble"]["wer"]["mean"] < min(
         rows["teacher:w"]["wer"]["mean"], rows["teacher:c"]["wer"]["mean"]))
     assert "| ensemble | 2 |" in (tmp_path / "out" / "teachers.md").read_text()
+
+
+def test_cached_teachers_average_like_dense_ones():
+    """The sparse mean over the union of top-k ids is the dense mean where k = V, sums to 1 with its
+    tail at any k, and merges an id both teachers keep into one category."""
+    import torch
+
+    from kdforge.losses import TopKTeacher, forward_kl
+    from kdforge.teachers.ensemble import ensemble_logprobs, ensemble_top_k
+
+    torch.manual_seed(0)
+    first, second = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    weights = [3.0, 1.0]
+    dense = ensemble_logprobs([first, second], weights)
+    full = ensemble_top_k([TopKTeacher.from_logits(first, 11), TopKTeacher.from_logits(second, 11)], weights)
+    assert torch.allclose(full.logprobs[..., :11], dense.gather(-1, full.indices[..., :11]), atol=1e-5)
+    assert full.indices.shape[-1] == 11  # the union of two full vocabularies is the vocabulary
+    student = torch.randn(3, 5, 11)
+    assert torch.allclose(forward_kl(student, full), forward_kl(student, dense), atol=1e-5)
+
+    small = ensemble_top_k([TopKTeacher.from_logits(first, 3), TopKTeacher.from_logits(second, 3)], weights)
+    total = small.logprobs.exp().sum(-1) + small.tail_logprob.exp()
+    assert torch.allclose(total, torch.ones(3, 5), atol=1e-5)
+    rows = small.indices.reshape(-1, small.indices.shape[-1])
+    assert all(len(set(row.tolist())) == len(row) for row in rows)  # distinct ids at every position
+    shared = (first.topk(3).indices[..., :1] == second.topk(3).indices).any(-1)  # both keep first's best id
+    best = first.topk(3).indices[..., 0]
+    mean_best = dense.gather(-1, best[..., None])[..., 0]
+    found = small.logprobs.gather(-1, (small.indices == best[..., None]).long().argmax(-1, keepdim=True))[..., 0]
+    assert torch.allclose(found[shared], mean_best[shared], atol=1e-5)
+    assert shared.any()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kdforge.benchmarks.asr_teachers import plot_wer, spread
 from kdforge.benchmarks.machine import describe_machine, machine_line
-from kdforge.config import load_config
+from kdforge.config import RunConfig, load_config
 from kdforge.errors import KdforgeError
 from kdforge.evaluation.runner import evaluate
 from kdforge.files import write_json_atomic, write_text_atomic
@@ -53,12 +53,22 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-def train_row(method: str, configs: Path, out: Path, seed: int, extra: tuple[str, ...] = ()) -> Path:
+def method_config(method: str, configs: Path, seed: int, overrides: tuple[str, ...] = (),
+                  distil_overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The config of one method and seed: its file in ``configs`` plus the row's overrides, then
+    ``overrides`` (every method) and ``distil_overrides`` (only methods that read teachers)."""
+    config_name, method_overrides = STUDENT_METHODS[method]
+    assignments = [*method_overrides, f"training.seed={seed}", *overrides]
+    config = load_config(configs / config_name, assignments)
+    return load_config(configs / config_name, [*assignments, *distil_overrides]) if config.teachers else config
+
+
+def train_row(method: str, configs: Path, out: Path, seed: int, overrides: tuple[str, ...] = (),
+              distil_overrides: tuple[str, ...] = ()) -> Path:
     """Train (or reuse) one seed of one method; returns its run folder."""
-    config_name, overrides = STUDENT_METHODS[method]
     run_dir = out / "runs" / f"{method.replace(':', '-')}-s{seed}"
     if not (run_dir / "result.json").exists():
-        config = load_config(configs / config_name, [*overrides, f"training.seed={seed}", *extra])
+        config = method_config(method, configs, seed, overrides, distil_overrides)
         train(config, run_dir, resume=(run_dir / "config.json").exists())
     return run_dir
 
@@ -85,8 +95,12 @@ def student_row(method: str, run_dirs: list[Path], test_dir: Path, teacher_param
 
 
 def run(out: Path, configs: Path, methods: tuple[str, ...], seeds: int, test_dir: Path,
-        teachers_report: Path | None = None, overrides: tuple[str, ...] = (), command: str = "") -> dict:
+        teachers_report: Path | None = None, overrides: tuple[str, ...] = (), command: str = "",
+        distil_overrides: tuple[str, ...] = (), report_name: str = "asr") -> dict:
     """Train and score every (method, seed); merge the teacher rows; write the report files.
+
+    ``overrides`` apply to every method's config, ``distil_overrides`` only to those that read
+    teachers (the demo points them at its own teachers and cache with it).
 
     Raises:
         KdforgeError: an unknown method key.
@@ -95,8 +109,9 @@ def run(out: Path, configs: Path, methods: tuple[str, ...], seeds: int, test_dir
     if unknown:
         raise KdforgeError(f"unknown method {unknown[0]!r}; known: {', '.join(STUDENT_METHODS)}")
     out.mkdir(parents=True, exist_ok=True)
-    runs = {m: [train_row(m, configs, out, seed, overrides) for seed in range(seeds)] for m in methods}
-    some_config = load_config(configs / STUDENT_METHODS["lora_lppm"][0], list(overrides))
+    runs = {m: [train_row(m, configs, out, seed, overrides, distil_overrides) for seed in range(seeds)]
+            for m in methods}
+    some_config = method_config("lora_lppm", configs, 0, overrides, distil_overrides)
     teacher_params = {t.label: count_parameters(t.path) for t in some_config.teachers}
     rows = []
     if teachers_report is not None:
@@ -109,10 +124,15 @@ def run(out: Path, configs: Path, methods: tuple[str, ...], seeds: int, test_dir
     rows += [student_row(m, dirs, test_dir, teacher_params) for m, dirs in runs.items()]
     report = {"command": command, "machine": describe_machine(), "test": str(test_dir), "seeds": seeds,
               "teacher_params": teacher_params, "rows": rows}
-    write_json_atomic(out / "asr.json", report)
-    write_text_atomic(out / "asr.md", to_markdown(report))
-    plot_wer(rows, out / "asr_wer.png", title="ASR: teachers, ensemble and students (unseen voices)")
+    write_report(out, report, report_name)
     return report
+
+
+def write_report(out: Path, report: dict, name: str) -> None:
+    """``NAME.json``, ``NAME.md`` and the WER bar chart ``NAME_wer.png`` in ``out``."""
+    write_json_atomic(out / f"{name}.json", report)
+    write_text_atomic(out / f"{name}.md", to_markdown(report))
+    plot_wer(report["rows"], out / f"{name}_wer.png", title="ASR: teachers, ensemble and students (unseen voices)")
 
 
 def to_markdown(report: dict) -> str:
@@ -130,4 +150,15 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {row['method']} | {row['seeds']} | {wer['mean']:.3f} ± {wer['std']:.3f} | "
                      f"{cer['mean']:.3f} ± {cer['std']:.3f} | {row['utterances_per_s']['mean']:.1f} | {share} | "
                      f"{adapter} | {seconds} | {used} |")
+    if "exported_student" in report:
+        chosen = report["exported_student"]
+        lines += ["", f"Exported student: `{chosen['path']}`, from **{chosen['method']}** (WER {chosen['wer']:.3f})."]
+    if "claims" in report:
+        lines += ["", "| claim | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" if isinstance(value, float) else f"| {name} | {value} |"
+                  for name, value in report["claims"].items()]
+    if "stage_seconds" in report:
+        lines += ["", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in report["stage_seconds"].items()]
+        lines += [f"| total | {sum(report['stage_seconds'].values()):.0f} |"]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from kdforge.losses import TopKTeacher
 from kdforge.losses.sparse import LOG_FLOOR
 from kdforge.tasks.asr import WhisperTask, read_training_audio
 from kdforge.teachers.cache import ENSEMBLE, TeacherCache, data_fingerprint
+from kdforge.teachers.ensemble import ensemble_top_k
 
 
 def encoder_shape(model_dir: str | Path) -> tuple[int, int, float]:
@@ -137,10 +138,8 @@ class WhisperDistillationTask(WhisperTask):
         records, self.audio = read_training_audio(config.data.train)
         self.ids = [record.id for record in records]
         self.train_examples = [self._label_ids(self.cache.text(ENSEMBLE, r.id, "target"), r.path) for r in records]
-        self.logit_teachers = [t.label for t in config.teachers if same_vocabulary(self.tokenizer, t.path)]
-        if len(self.logit_teachers) > 1:
-            raise KdforgeError(f"teachers {', '.join(self.logit_teachers)} all share the student's vocabulary; the logit "
-                               "terms take one such teacher for now: keep one, or set objective.name none")
+        self.logit_teachers = [t.label for t in config.teachers
+                               if config.objective.uses_teacher_logits and same_vocabulary(self.tokenizer, t.path)]
         self._check_cached_labels()
         self.student_layers, plan = layer_plan(config)
         alignment = config.alignment
@@ -157,9 +156,8 @@ class WhisperDistillationTask(WhisperTask):
 
     def teachers_used(self) -> dict[str, list[str]]:
         """Which teachers fed which term: ``targets`` (the ensemble's transcripts), ``logit``, ``lppm``."""
-        logit = self.logit_teachers if self.config.objective.uses_teacher_logits else []
         return {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
-                "logit": logit, "lppm": [t.label for t in self.mapped]}
+                "logit": self.logit_teachers, "lppm": [t.label for t in self.mapped]}
 
     def _check_cached_labels(self) -> None:
         """The logit teachers were teacher-forced on exactly the student's target tokens."""
@@ -188,19 +186,21 @@ class WhisperDistillationTask(WhisperTask):
         """:meth:`WhisperTask.batch` plus the teachers' cached signals for these utterances.
 
         Adds ``encoder_frames (B,)`` (the student's frames of speech), ``teacher_topk`` (a
-        :class:`TopKTeacher` on the ``(B, L)`` target grid) when a teacher shares the student's
-        vocabulary, and per mapped teacher ``hidden/<name>`` ``(layers, B, T_s, d_m)``: its cached
-        hidden states resampled to the student's frames (zero beyond them).
+        :class:`TopKTeacher` on the ``(B, L)`` target grid: the weighted mean of the teachers that
+        share the student's vocabulary, :func:`kdforge.teachers.ensemble.ensemble_top_k`), and per
+        mapped teacher ``hidden/<name>`` ``(layers, B, T_s, d_m)``: its cached hidden states
+        resampled to the student's frames (zero beyond them).
         """
         batch = super().batch(indices)
         window = batch["features"].shape[-1] // 2
         batch["encoder_frames"] = ((batch["frames"] + 1) // 2).clamp(max=window)
         utterances = [self.ids[i] for i in indices]
-        if self.logit_teachers and self.config.objective.uses_teacher_logits:
-            teacher = self.logit_teachers[0]
-            rows = [TopKTeacher(s["topk_ids"], s["topk_logprobs"], s["tail_logprob"]) for s in self.cache.batch(
-                teacher, utterances, ["topk_ids", "topk_logprobs", "tail_logprob"])]
-            batch["teacher_topk"] = stack_top_k(rows, self.prompt_length - 1, batch["targets"].shape[1])
+        if self.logit_teachers:
+            fields = ["topk_ids", "topk_logprobs", "tail_logprob"]
+            grids = [stack_top_k([TopKTeacher(*(s[f] for f in fields)) for s in self.cache.batch(name, utterances, fields)],
+                                 self.prompt_length - 1, batch["targets"].shape[1]) for name in self.logit_teachers]
+            weights = [t.weight for t in self.config.teachers if t.label in self.logit_teachers]
+            batch["teacher_topk"] = ensemble_top_k(grids, weights) if len(grids) > 1 else grids[0]
         for teacher in self.mapped:
             names = [f"hidden.{layer}" for layer in self.teacher_layers[teacher.label]]
             signals = self.cache.batch(teacher.label, utterances, names)

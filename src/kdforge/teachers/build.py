@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -167,9 +168,13 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     """
     from kdforge.files import check_new_folder
 
-    out = check_new_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = check_new_folder(out)
     records = read_metadata(data_dir)  # a bad audiofolder fails here, before any process starts
+    # Built beside its destination and renamed when sealed: an interrupted build leaves no half cache
+    # at ``out`` (a later run would refuse the folder); the next build discards the leftover.
+    out = final.with_name(f".{final.name}.building")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     keep = labelled_ids(records, labelled)
     threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.perf_counter()
@@ -192,6 +197,9 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
         choice.add(record.id, {"pseudo_label": _text_bytes(chosen), "target": _text_bytes(target)})
     written[ENSEMBLE] = ({"members": names}, settings, choice)
     write_manifest(out, data_fingerprint(data_dir), written)
+    if final.exists():
+        final.rmdir()  # empty, checked above
+    out.rename(final)
     seconds = {name: first[i][1] + second[i][1] for i, name in enumerate(names)}
     return {"seconds": time.perf_counter() - started, "teacher_seconds": seconds}
 

@@ -6,6 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _plot_terms(axis, history: list[dict], title: str) -> None:
+    """Every logged loss term of ``history`` against the step on ``axis``."""
+    steps = [entry["step"] for entry in history]
+    for name in [key for key in history[0] if key not in ("step", "lr", "eval")] if history else []:
+        axis.plot(steps, [entry.get(name) for entry in history], label=name)
+    axis.set(xlabel="step", ylabel="loss", title=title)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     """Left: the loss terms of every step; right: each evaluation metric where it was measured."""
     import matplotlib
@@ -14,17 +24,28 @@ def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (losses, evaluations) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [entry["step"] for entry in history]
-    for name in [key for key in history[0] if key not in ("step", "lr", "eval")] if history else []:
-        losses.plot(steps, [entry.get(name) for entry in history], label=name)
-    losses.set(xlabel="step", ylabel="loss", title="training loss terms")
+    _plot_terms(losses, history, "training loss terms")
     measured = [entry for entry in history if entry.get("eval")]
     for name in measured[0]["eval"] if measured else []:
         evaluations.plot([e["step"] for e in measured], [e["eval"][name] for e in measured], marker="o", label=name)
     evaluations.set(xlabel="step", title="evaluation")
-    for axis in (losses, evaluations):
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
+    if evaluations.get_legend_handles_labels()[0]:
+        evaluations.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_runs(histories: dict[str, list[dict]], path: Path) -> None:
+    """One panel of loss terms per run (``name -> history``), side by side on a shared step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.8), sharex=True, squeeze=False)
+    for axis, (name, history) in zip(axes[0], histories.items()):
+        _plot_terms(axis, history, name)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,0 +1,245 @@
+"""``kdforge demo``: the main job end to end, on built-in data and the real Whisper checkpoints.
+
+Stages (each skipped when its result is already there):
+
+1. prepare whisper-base and whisper-tiny.en as Hugging Face folders (``kdforge models prepare``);
+2. synthesise a small noisy eSpeak corpus with unseen test voices (``kdforge synth-speech``);
+3. adapt three teachers on its labelled part: both Whisper models with LoRA and a CTC Conformer
+   from scratch (``configs/teachers``);
+4. score zero-shot Whisper, each teacher and their ensemble (``kdforge bench asr-teachers``);
+5. cache the teachers once (``kdforge cache``);
+6. distil the student with each method of :attr:`DemoPlan.methods` from that cache and score it
+   (``kdforge bench asr``);
+7. write ``results.json``, ``results.md``, ``results_wer.png``, ``curves.png`` and the best
+   student (``student/``, LoRA merged, processor included) into the output folder.
+
+Stages 1-5 live in ``$KDFORGE_HOME/demo/<plan key>``, shared by every demo with the same plan, so a
+second demo only distils and scores. Budgets are the full recipe's (``docs/results-asr.md``) scaled
+down to fit 20 minutes on 2 CPU cores from a cold start; the numbers are a smoke-sized version of
+that comparison, not its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from kdforge.errors import KdforgeError
+from kdforge.files import write_json_atomic
+from kdforge.home import kdforge_home
+
+#: teacher name -> its adaptation config in ``configs/teachers``.
+TEACHER_CONFIGS = {"whisper-base": "whisper-base-lora.yaml", "whisper-tiny.en": "whisper-tiny-en-lora.yaml",
+                   "ctc": "ctc-scratch.yaml"}
+#: The real checkpoints the demo starts from; the student is initialised from whisper-tiny.en.
+WHISPER_MODELS = ("whisper-base", "whisper-tiny.en")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and budgets of one demo; the defaults fit 20 minutes on 2 CPU cores from a cold start."""
+
+    utterances: int = 400
+    test_fraction: float = 0.1
+    labelled: int = 120
+    corpus_seed: int = 5
+    noise_snr: tuple[float, float] = (3.0, 15.0)
+    speed: tuple[int, int] = (120, 220)
+    teacher_steps: dict[str, int] = field(default_factory=lambda: {"whisper-base": 30, "whisper-tiny.en": 40,
+                                                                   "ctc": 300})
+    student_steps: int = 60
+    methods: tuple[str, ...] = ("lora_ce", "lora_logit_kd", "lora_lppm", "lora_lppm_rlkd")
+    ctc_size: str = "small"
+    #: ``--set`` overrides for every teacher config / every student config (tests shrink models with them)
+    teacher_overrides: tuple[str, ...] = ()
+    student_overrides: tuple[str, ...] = ()
+
+    def key(self, configs: Path) -> str:
+        """Names the shared workspace: what the data, teachers and cache depend on, hashed (the plan
+        without the student methods and steps, and the teacher configs' text)."""
+        shared = {name: value for name, value in asdict(self).items() if name not in ("methods", "student_steps")}
+        texts = [(configs / "teachers" / TEACHER_CONFIGS[name]).read_text() for name in sorted(TEACHER_CONFIGS)]
+        payload = json.dumps({"plan": shared, "teacher_configs": texts}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def claim_output(out: Path, plan: DemoPlan) -> None:
+    """Refuse a folder holding a finished demo or something else; record the plan in a new one.
+
+    Raises:
+        KdforgeError: ``out`` holds a finished demo, another demo's plan, or unrelated files.
+    """
+    record = out / "demo.json"
+    if (out / "results.json").exists():
+        raise KdforgeError(f"{out} holds a finished demo (results.json): it is never overwritten; choose another --out")
+    if record.exists():
+        if json.loads(record.read_text()) != json.loads(json.dumps(asdict(plan))):
+            raise KdforgeError(f"{out} holds an unfinished demo with another plan; choose another --out")
+        return  # an interrupted demo: finished stages are reused
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KdforgeError(f"{out} exists and is not an empty folder: it is never overwritten, choose another")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, asdict(plan))
+
+
+def teacher_overrides(name: str, plan: DemoPlan, workspace: Path, models: dict[str, Path]) -> list[str]:
+    """The ``--set`` overrides that point a full-size teacher config at the demo's data and budget."""
+    steps = plan.teacher_steps[name]
+    start = workspace / "ctc-init" if name == "ctc" else models[name]
+    return [f"student.path={start}", f"data.train={workspace / 'data' / 'train'}",
+            f"data.eval={workspace / 'data' / 'test'}", f"data.labelled={plan.labelled}",
+            f"training.steps={steps}", f"training.eval_every={steps}", f"training.checkpoint_every={steps}",
+            *plan.teacher_overrides]
+
+
+def student_overrides(plan: DemoPlan, workspace: Path, models: dict[str, Path]) -> list[str]:
+    """The ``--set`` overrides that point every method config at the demo's student, data and budget."""
+    steps = plan.student_steps
+    return [f"student.init_from={models['whisper-tiny.en']}", f"data.train={workspace / 'data' / 'train'}",
+            f"data.eval={workspace / 'data' / 'test'}", f"data.labelled={plan.labelled}", f"training.steps={steps}",
+            f"training.eval_every={steps}", f"training.checkpoint_every={steps}", *plan.student_overrides]
+
+
+def distil_overrides(workspace: Path) -> list[str]:
+    """The overrides for methods that read teachers: the demo's adapted teachers and their cache."""
+    teachers = ", ".join(f"{{path: {workspace / 'teachers' / name / 'student'}, name: {name}}}"
+                         for name in TEACHER_CONFIGS)
+    return [f"teachers=[{teachers}]", f"cache.dir={workspace / 'cache'}"]
+
+
+class Stages:
+    """Numbered stage banners on the console and the wall time of each stage."""
+
+    def __init__(self, total: int):
+        self.console, self.total, self.seconds = Console(), total, {}
+        self._name, self._started = None, 0.0
+
+    def start(self, name: str, what: str) -> None:
+        self._finish()
+        self.console.rule(f"[bold][{len(self.seconds) + 1}/{self.total}] {what}")
+        self._name, self._started = name, time.perf_counter()
+
+    def _finish(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.perf_counter() - self._started, 1)
+            self._name = None
+
+    def done(self) -> dict[str, float]:
+        self._finish()
+        return self.seconds
+
+
+def run_demo(out: str | Path, plan: DemoPlan | None = None, configs: str | Path = "configs",
+             home: str | Path | None = None, models: dict[str, Path] | None = None) -> dict:
+    """Run the demo into ``out`` (new or empty, or an interrupted demo with the same plan).
+
+    Args:
+        plan: sizes and budgets (default :class:`DemoPlan`).
+        configs: the repository's ``configs`` folder (``teachers/`` and ``asr/`` are read).
+        home: kdforge's home (default ``$KDFORGE_HOME``); the shared workspace lives under it.
+        models: ``whisper-base`` and ``whisper-tiny.en`` folders to use instead of preparing the
+            real checkpoints (tests pass tiny ones).
+
+    Returns:
+        The ``results.json`` report: ``rows`` (method, WER, CER, utterances/s, parameters, ...),
+        ``exported_student``, ``stage_seconds``, ``claims``.
+
+    Raises:
+        KdforgeError: ``out`` holds a finished or different run, or a stage meets bad input.
+    """
+    from kdforge.benchmarks import asr, asr_teachers
+    from kdforge.config import load_config
+    from kdforge.data.synth import synthesize_corpus
+    from kdforge.models.ctc import build_ctc_model
+    from kdforge.models.prepare import prepare
+    from kdforge.teachers.build import build_cache_from_config
+    from kdforge.training.curves import plot_runs
+    from kdforge.training.loop import train
+
+    out, configs, plan = Path(out), Path(configs), plan or DemoPlan()
+    unknown = [m for m in plan.methods if m not in asr.STUDENT_METHODS]
+    if unknown:
+        raise KdforgeError(f"unknown method {unknown[0]!r}; known: {', '.join(asr.STUDENT_METHODS)}")
+    if not (configs / "teachers").is_dir() or not (configs / "asr").is_dir():
+        raise KdforgeError(f"{configs} lacks teachers/ and asr/: pass the repository's configs folder with --configs")
+    claim_output(out, plan)
+    workspace = kdforge_home(home) / "demo" / plan.key(configs)
+    workspace.mkdir(parents=True, exist_ok=True)
+    stages = Stages(total=7)
+
+    stages.start("prepare_models", "real checkpoints as Hugging Face folders")
+    models = models or {name: prepare(name, home)[0].path for name in WHISPER_MODELS}
+
+    stages.start("synthesise_speech", f"{plan.utterances} noisy eSpeak utterances, unseen test voices")
+    if not (workspace / "data").exists():
+        summary = synthesize_corpus(workspace / "data", plan.utterances, plan.corpus_seed, noise_snr=plan.noise_snr,
+                                    speed=plan.speed, test_fraction=plan.test_fraction)
+        counts = ", ".join(f"{split} {count}" for split, count in summary.utterances.items())
+        stages.console.print(f"utterances: {counts}; {summary.audio_seconds:.0f} s of audio")
+
+    stages.start("adapt_teachers", f"adapting {len(TEACHER_CONFIGS)} teachers on {plan.labelled} labelled utterances")
+    if not (workspace / "ctc-init").exists():
+        build_ctc_model(workspace / "ctc-init", size=plan.ctc_size, frame_stack=3, seed=0)
+    for name, config_file in TEACHER_CONFIGS.items():
+        run_dir = workspace / "teachers" / name
+        if not (run_dir / "result.json").exists():
+            stages.console.print(f"teacher {name}: {plan.teacher_steps[name]} steps")
+            config = load_config(configs / "teachers" / config_file, teacher_overrides(name, plan, workspace, models))
+            train(config, run_dir, resume=(run_dir / "config.json").exists())
+
+    stages.start("score_teachers", "zero-shot Whisper, each teacher and their ensemble on unseen voices")
+    test_dir = workspace / "data" / "test"
+    overrides, teachers_and_cache = student_overrides(plan, workspace, models), distil_overrides(workspace)
+    ours = load_config(configs / "asr" / "lora-lppm.yaml", [*overrides, *teachers_and_cache])
+    teachers_report = asr_teachers.run({name: [workspace / "teachers" / name / "student"] for name in TEACHER_CONFIGS},
+                                       {name: models[name] for name in WHISPER_MODELS}, test_dir,
+                                       out / "teachers", audio_ctx=ours.audio.audio_ctx, command="kdforge demo")
+
+    stages.start("cache_teachers", "caching the teachers' hidden states, top-k and transcripts")
+    if not (workspace / "cache" / "manifest.json").exists():
+        build_cache_from_config(ours, workspace / "cache")
+
+    stages.start("distil_students", f"distilling {len(plan.methods)} students, {plan.student_steps} steps each")
+    report = asr.run(out, configs / "asr", plan.methods, 1, test_dir, out / "teachers" / "teachers.json",
+                     tuple(overrides), command=f"kdforge demo --out {out}",
+                     distil_overrides=tuple(teachers_and_cache), report_name="results")
+
+    stages.start("export", "the best student, results and plots")
+    students = [row for row in report["rows"] if row["method"] in plan.methods]
+    best = min(students, key=lambda row: row["wer"]["mean"])
+    run_dirs = {m: out / "runs" / f"{m.replace(':', '-')}-s0" for m in plan.methods}
+    shutil.copytree(run_dirs[best["method"]] / "student", out / "student", dirs_exist_ok=True)
+    plot_runs({m: [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+               for m, d in run_dirs.items()}, out / "curves.png")
+    report.update(exported_student={"method": best["method"], "wer": best["wer"]["mean"], "path": str(out / "student")},
+                  claims=claims(report["rows"], teachers_report["ensemble_beats_best_member"]),
+                  workspace=str(workspace), plan=asdict(plan), stage_seconds=stages.done())
+    asr.write_report(out, report, "results")
+    return report
+
+
+def claims(rows: list[dict], ensemble_beats_best_member: bool) -> dict:
+    """The issue's claims checked on this run's rows (WER means; ``None`` where a row is missing)."""
+    by_method = {row["method"]: row for row in rows}
+    wer = {m: row["wer"]["mean"] for m, row in by_method.items()}
+    students = {m: w for m, w in wer.items() if m.startswith(("lora_", "full_ft", "ablation:"))}
+    ours = min((w for m, w in students.items() if m in ("lora_lppm", "lora_lppm_rlkd")), default=None)
+    others = min((w for m, w in students.items() if m not in ("lora_lppm", "lora_lppm_rlkd")), default=None)
+    best_student = min(students, key=students.get) if students else None
+    ensemble = by_method.get("ensemble")
+    speed = (by_method[best_student]["utterances_per_s"]["mean"] / ensemble["utterances_per_s"]["mean"]
+             if ensemble and best_student else None)
+    return {
+        "ensemble_beats_best_member": ensemble_beats_best_member,
+        "ours_lowest_student_wer": None if ours is None or others is None else ours < others,
+        "best_student": best_student,
+        "best_student_speedup_over_ensemble": speed,
+        "best_student_wer_over_ensemble": (students[best_student] / wer["ensemble"]
+                                           if ensemble and best_student else None),
+    }

@@ -1,0 +1,76 @@
+"""``kdforge demo`` end to end on tiny models: every stage, the report, the export, reuse and refusal."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from kdforge.demo import DemoPlan, run_demo
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = dict(utterances=12, test_fraction=0.25, labelled=4, student_steps=2, ctc_size="tiny",
+            teacher_steps={"whisper-base": 2, "whisper-tiny.en": 2, "ctc": 2},
+            teacher_overrides=("training.batch_size=4", "audio.audio_ctx=50"),
+            student_overrides=("audio.audio_ctx=50", "student.num_layers=1", "student.lora={r: 2, alpha: 4}",
+                               "training.batch_size=4", "training.warmup_steps=1"))
+
+
+@pytest.fixture(scope="module")
+def finished_demo(tiny_whisper, tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    plan = DemoPlan(**TINY, methods=("lora_ce", "lora_lppm"))
+    models = {"whisper-base": tiny_whisper, "whisper-tiny.en": tiny_whisper}
+    report = run_demo(root / "out", plan, CONFIGS, home=root / "home", models=models)
+    return root, plan, models, report
+
+
+def test_the_demo_reports_every_row_and_exports_the_best_student(finished_demo):
+    root, plan, _, report = finished_demo
+    out = root / "out"
+    methods = [row["method"] for row in report["rows"]]
+    assert methods == ["zeroshot:whisper-base", "zeroshot:whisper-tiny.en", "teacher:whisper-base",
+                       "teacher:whisper-tiny.en", "teacher:ctc", "ensemble", "student_base", "lora_ce", "lora_lppm"]
+    assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
+    assert "| lora_lppm | 1 |" in (out / "results.md").read_text()
+    for picture in ("results_wer.png", "curves.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    students = {row["method"]: row["wer"]["mean"] for row in report["rows"] if row["method"] in plan.methods}
+    assert report["exported_student"]["method"] == min(students, key=students.get)
+    with safe_open(out / "student" / "model.safetensors", framework="pt") as weights:
+        names = list(weights.keys())
+    assert not any("lora" in name or "heads" in name for name in names)  # merged, no projection heads
+    from transformers import WhisperProcessor
+
+    assert WhisperProcessor.from_pretrained(out / "student").tokenizer.get_vocab()  # the processor travels with it
+    assert set(report["stage_seconds"]) == {"prepare_models", "synthesise_speech", "adapt_teachers", "score_teachers",
+                                            "cache_teachers", "distil_students", "export"}
+    lppm = next(row for row in report["rows"] if row["method"] == "lora_lppm")
+    assert lppm["teachers_used"]["lppm"] == ["whisper-base", "whisper-tiny.en", "ctc"]
+    # both tiny "Whisper" teachers share the student's vocabulary here: KD takes their mean
+    assert lppm["teachers_used"]["logit"] == ["whisper-base", "whisper-tiny.en"]
+    ce = next(row for row in report["rows"] if row["method"] == "lora_ce")
+    assert not any(ce.get("teachers_used", {}).values())  # labels only: the demo's teachers are not pushed into it
+
+
+def test_a_second_demo_reuses_the_teachers_and_cache(finished_demo):
+    root, plan, models, _ = finished_demo
+    workspace = next((root / "home" / "demo").iterdir())
+    stamps = {path: path.stat().st_mtime_ns for path in [*workspace.glob("teachers/*/result.json"),
+                                                         workspace / "cache" / "manifest.json"]}
+    report = run_demo(root / "again", DemoPlan(**TINY, methods=("lora_ce",)), CONFIGS, home=root / "home",
+                      models=models)
+    assert len(stamps) == 4 and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+    assert report["exported_student"]["method"] == "lora_ce"
+
+
+def test_a_finished_demo_folder_is_refused_and_left_alone(finished_demo, capsys):
+    from kdforge.cli import main
+
+    out = finished_demo[0] / "out"
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out), "--configs", str(CONFIGS)])
+    assert exit_info.value.code == 2
+    assert "holds a finished demo" in capsys.readouterr().err
+    assert before == {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}

@@ -146,6 +146,24 @@ def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whispe
     assert not any(p.requires_grad for p in task.heads["teachers"].parameters())  # the teacher maps are fixed
 
 
+def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(tiny_whisper, wide_whisper, ctc_teacher,
+                                                                              speech, tmp_path, cache_dir):
+    from kdforge.alignment import lppm_loss
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    task = WhisperDistillationTask(config, tmp_path)
+    batch = task.batch([0, 1, 2])
+    batch["encoder_frames"] = torch.tensor([20, 35, 50])  # these utterances fill the tiny window: pretend they don't
+    output = task.student(input_features=batch["features"], decoder_input_ids=batch["inputs"], output_hidden_states=True)
+    term, _ = task._lppm(output.encoder_hidden_states, batch)
+    frames = torch.arange(50) < batch["encoder_frames"][:, None]
+    student = torch.stack([task.heads["student"](output.encoder_hidden_states[1], 0)])
+    teachers = torch.stack([torch.stack([task.heads["teachers"][m](batch[f"hidden/{name}"][0], 0)])
+                            for m, name in enumerate(("wide", "ctc.v1"))])
+    torch.testing.assert_close(term, lppm_loss(student, teachers, frames, task.teacher_weights))
+
+
 def test_a_stale_cache_is_refused_naming_the_setting(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path, cache_dir):
     from kdforge.tasks.asr_distill import open_cache
 

@@ -244,16 +244,21 @@ class WhisperDistillationTask(WhisperTask):
         """The projection-mapping loss, and the InfoNCE term when the teacher maps are learned."""
         alignment = self.config.alignment
         window = hidden_states[0].shape[1]
-        mask = torch.arange(window) < batch["encoder_frames"][:, None]
-        student = torch.stack([self.heads["student"](hidden_states[layer], slot)
+        frames = torch.arange(window) < batch["encoder_frames"][:, None]
+        # Point-wise, the loss averages over frames of speech only and most of the window is padding:
+        # mapping just those frames, as one row (1, N, .) of N points, leaves that average unchanged.
+        select = (lambda states: states[frames][None]) if alignment.pointwise else (lambda states: states)
+        student = torch.stack([self.heads["student"](select(hidden_states[layer]), slot)
                                for slot, layer in enumerate(self.student_layers)])
-        teachers = torch.stack([torch.stack([self.heads["teachers"][m](batch[f"hidden/{t.label}"][slot], slot)
+        teachers = torch.stack([torch.stack([self.heads["teachers"][m](select(batch[f"hidden/{t.label}"][slot]), slot)
                                              for slot in range(len(self.student_layers))])
                                 for m, t in enumerate(self.mapped)])
-        if not alignment.pointwise:
-            student = torch.stack([pool_utterance(points, mask) for points in student])
-            teachers = torch.stack([torch.stack([pool_utterance(points, mask) for points in layers]) for layers in teachers])
-            mask = torch.ones(mask.shape[0], 1, dtype=torch.bool)
+        if alignment.pointwise:
+            mask = torch.ones(1, student.shape[2], dtype=torch.bool)
+        else:
+            student = torch.stack([pool_utterance(points, frames) for points in student])
+            teachers = torch.stack([torch.stack([pool_utterance(points, frames) for points in layers]) for layers in teachers])
+            mask = torch.ones(frames.shape[0], 1, dtype=torch.bool)
         loss = lppm_loss(student, teachers, mask, self.teacher_weights, target=alignment.target,
                          point_loss=alignment.point_loss, normalize=alignment.normalize)
         if alignment.teacher_map != "learned":

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from torch import Tensor
 
 from kdforge.data.audio import labelled_ids, read_metadata
@@ -92,7 +93,12 @@ def ctc_signals(model, extractor, audio: list[np.ndarray], layers: list[int], k:
     return out
 
 
-def transcribe_teacher(model_dir: str, data_dir: str, batch_size: int, threads: int,
+def batch_starts(count: int, batch_size: int, description: str):
+    """``0, batch_size, 2 * batch_size, ...`` below ``count``, with a progress bar on a terminal."""
+    return tqdm(range(0, count, batch_size), desc=description, unit="batch", disable=None)
+
+
+def transcribe_teacher(name: str, model_dir: str, data_dir: str, batch_size: int, threads: int,
                        audio_ctx: int | None = None) -> tuple[list[str], float]:
     """First pass: one teacher's greedy transcript of every utterance, and the seconds it took."""
     from kdforge.evaluation.recognizers import load_recognizer
@@ -102,7 +108,7 @@ def transcribe_teacher(model_dir: str, data_dir: str, batch_size: int, threads: 
     _, audio = read_training_audio(data_dir)
     recognizer = load_recognizer(model_dir, audio_ctx)
     with torch.inference_mode():
-        texts = [text for start in range(0, len(audio), batch_size)
+        texts = [text for start in batch_starts(len(audio), batch_size, f"{name}: transcripts")
                  for text in recognizer.transcribe(audio[start : start + batch_size])]
     return texts, time.perf_counter() - started
 
@@ -132,7 +138,7 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
 
         def signals(batch_audio, texts):
             return whisper_signals(model, processor, batch_audio, texts, layers, k)
-    for start in range(0, len(records), batch_size):
+    for start in batch_starts(len(records), batch_size, f"{name}: hidden states and top-k"):
         batch = slice(start, start + batch_size)
         for record, tensors, transcript in zip(records[batch], signals(audio[batch], targets[batch]), transcripts[batch]):
             shards.add(record.id, {**tensors, "pseudo_label": _text_bytes(transcript)})
@@ -179,7 +185,7 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.perf_counter()
     names = list(teachers)
-    first = _run_all(transcribe_teacher, [(str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
+    first = _run_all(transcribe_teacher, [(n, str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
                                           for n in names], workers)
     transcripts = {name: texts for name, (texts, _) in zip(names, first)}
     ensemble = ensemble_transcripts(transcripts)

@@ -81,8 +81,10 @@ def sparse_distributions(student_row, indices, logprobs, tail_logprob, temperatu
         q = np.array([q_full[i] for i in indices])
         return p, q / q.sum()
     p = softmax(np.append(np.asarray(logprobs), tail_logprob), temperature)
-    q_top = [q_full[i] for i in indices]
-    return p, np.append(q_top, max(0.0, 1.0 - sum(q_top)))
+    q_one = softmax(student_row, 1.0)  # the student's k + 1 categories at T = 1, then tempered like p
+    q_top = [q_one[i] for i in indices]
+    categories = np.append(q_top, max(1e-300, 1.0 - sum(q_top)))
+    return p, softmax(np.log(categories), temperature)
 
 
 def pav_decreasing(y: list[float]) -> list[float]:

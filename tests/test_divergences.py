@@ -140,6 +140,16 @@ def test_sparse_rules_match_their_definition(name, tail):
     assert got.item() == pytest.approx(float(np.mean(per_position)), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_a_student_equal_to_its_cached_teacher_scores_zero_at_every_temperature(name, temperature):
+    """With a long, flat tail (a real vocabulary) a bucket tempered on one side only scored ~9 at T = 2."""
+    logits = random_logits(3, 5000, seed=21)
+    logits[..., :5] += torch.tensor([14.0, 11.0, 10.0, 9.0, 8.0])
+    cached = TopKTeacher.from_logits(logits, 32)
+    assert loss(name, logits, cached, temperature=temperature, tail="bucket").item() == pytest.approx(0.0, abs=1e-5)
+
+
 def test_sparse_tail_mass_is_exact():
     teacher = random_logits(3, 50, seed=18)
     sparse = TopKTeacher.from_logits(teacher, 5)

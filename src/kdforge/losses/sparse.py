@@ -10,8 +10,9 @@ Tail rules for a sparse teacher (argument ``tail``):
 
 * ``"bucket"``: the categories are the k teacher tokens plus one bucket holding every other token.
   The student's bucket is its exact probability outside the k tokens; the teacher's is its stored
-  tail mass. At a temperature T != 1 the teacher is tempered over these k + 1 categories, the tail
-  treated as one category (exact at T = 1; the tail's tempered mass is not recoverable from a cache).
+  tail mass. At a temperature T != 1 both are tempered over these same k + 1 categories from their
+  T = 1 probabilities, the bucket as one category (the tail's token-by-token tempered mass is not
+  recoverable from a cache), so a student equal to its teacher has zero loss at every T.
 * ``"renormalize"``: the categories are the k teacher tokens only; both distributions are
   renormalised over them (exact at every temperature for the top-k part, blind to the tail).
 
@@ -95,7 +96,8 @@ def category_logprobs(
     Args:
         student_logits: ``(n, V)`` student logits of n positions.
         teacher: ``(n, V)`` dense teacher logits, or a :class:`TopKTeacher` of n positions.
-        temperature: both distributions are softmax(logits / temperature).
+        temperature: both distributions are softmax(logits / temperature) (``"bucket"``: over
+            the k + 1 categories, see the module docstring).
         tail: the rule for a sparse teacher's missing mass (module docstring).
 
     Returns:
@@ -112,16 +114,21 @@ def category_logprobs(
         teacher_logp = torch.log_softmax(teacher.logprobs.to(dtype) / temperature, dim=-1)
         student_logp = torch.log_softmax(student.gather(-1, teacher.indices), dim=-1)
     elif tail == "bucket":
+        # Both sides are first reduced to the same k + 1 categories at T = 1, then tempered over
+        # them: a cache cannot temper the teacher's tail token by token, and tempering only the
+        # student's over the whole vocabulary would leave a student equal to its teacher far from
+        # zero loss at T != 1 (its many small tail probabilities gain the most from 1/T).
         teacher_categories = torch.cat(
             [teacher.logprobs.to(dtype), teacher.tail_logprob.to(dtype).unsqueeze(-1)], dim=-1
         )
         teacher_logp = torch.log_softmax(teacher_categories / temperature, dim=-1)
-        student_full = torch.log_softmax(student, dim=-1)
+        student_full = torch.log_softmax(student_logits.to(dtype), dim=-1)
         outside = student_full.scatter(-1, teacher.indices, LOG_FLOOR)
-        student_logp = torch.cat(
+        student_categories = torch.cat(
             [student_full.gather(-1, teacher.indices), torch.logsumexp(outside, -1, keepdim=True)],
             dim=-1,
         )
+        student_logp = torch.log_softmax(student_categories / temperature, dim=-1)
     else:
         raise ValueError(f"unknown tail rule {tail!r}; expected 'bucket' or 'renormalize'")
     return student_logp.clamp(min=LOG_FLOOR), teacher_logp.clamp(min=LOG_FLOOR)

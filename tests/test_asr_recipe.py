@@ -137,3 +137,35 @@ def test_ctc_refuses_characters_outside_its_alphabet(speech, tmp_path):
     (data / "metadata.csv").write_text("\n".join(metadata) + "\n")
     with pytest.raises(KdforgeError, match=r"characters outside the model's alphabet: '24'"):
         train(ctc_config(build_ctc_model(tmp_path / "ctc", size="tiny"), data), tmp_path / "run", show_progress=False)
+
+
+def test_a_dynamic_window_trains_on_and_decodes_only_what_the_batch_needs(tiny_whisper, speech, tmp_path):
+    """The tiny model's window is 2 s (100 positions); clips of 0.3-0.7 s need 50 of them (1 s steps)."""
+    import soundfile
+
+    from kdforge.data.audio import load_audio, read_metadata
+    from kdforge.evaluation.recognizers import WhisperRecognizer, load_recognizer
+    from kdforge.models.loading import load_whisper, window_positions
+
+    assert window_positions([70, 30], 100) == 50 and window_positions([101], 100) == 100
+    assert window_positions([401], 100) == 100  # never beyond the model's window
+    records = read_metadata(speech)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    lines = ["file_name,transcription\n"]
+    for index, (record, seconds) in enumerate(zip(records[:4], (0.3, 0.5, 0.6, 0.7))):
+        audio = load_audio(record.path)[: int(16_000 * seconds)]
+        soundfile.write(clips / f"clip{index}.wav", audio, 16_000)
+        lines.append(f"clip{index}.wav,{record.transcription.split()[0]}\n")
+    (clips / "metadata.csv").write_text("".join(lines))
+    audio = {"spec_augment": None, "dynamic_window": True}
+    task = WhisperTask(asr_config(tiny_whisper, clips, audio=audio), tmp_path / "probe")
+    assert task.batch([0, 1, 2, 3])["features"].shape[-1] == 100  # 50 positions, not the model's 100
+    train(asr_config(tiny_whisper, clips, audio=audio, steps=2), tmp_path / "run", show_progress=False)
+    dynamic = load_recognizer(tmp_path / "run" / "student")
+    assert dynamic.model.config.kdforge_dynamic_window
+    assert dynamic.model.config.max_source_positions == 100  # the saved model keeps its full window
+    cut = WhisperRecognizer(*load_whisper(tmp_path / "run" / "student", audio_ctx=50))  # the same weights, cut
+    batch = [load_audio(clips / f"clip{index}.wav") for index in range(4)]
+    assert dynamic.token_ids(batch) == cut.token_ids(batch)
+    assert dynamic.model.config.max_source_positions == 100  # restored after decoding

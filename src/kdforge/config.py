@@ -122,6 +122,9 @@ class SpecAugmentConfig(StrictModel):
 class AudioConfig(StrictModel):
     audio_ctx: int | None = Field(None, ge=1, description="Whisper encoder positions kept (400 = 8 s); None = 1500.")
     spec_augment: SpecAugmentConfig | None = Field(None, description="Mask time and frequency bands in training.")
+    dynamic_window: bool = Field(False, description="Whisper: run the encoder per batch on only as much of its window "
+                                 "as the longest utterance needs (in 1 s steps), in training and, once exported, "
+                                 "in kdforge's decoding: most of a fixed window is padding.")
 
 
 class TrainingConfig(StrictModel):

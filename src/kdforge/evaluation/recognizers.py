@@ -17,7 +17,8 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import decoder_prompt_length, load_whisper, model_type_of
+from kdforge.models.loading import (decoder_prompt_length, encoder_window, load_whisper, model_type_of,
+                                    uses_dynamic_window, window_positions)
 
 # Token budget of one utterance: 8 tokens per second of its audio (as much as the window holds) plus
 # 8. English speech runs at about 3 words/s and Whisper's BPE uses about 1.3 tokens a word, so the
@@ -42,7 +43,9 @@ class WhisperRecognizer:
     """Greedy Whisper decoding (``num_beams=1``, no sampling, KV cache) of a batch.
 
     The processor pads or trims every utterance to the model's window (30 s, or ``audio_ctx`` x
-    20 ms after :func:`kdforge.models.loading.apply_audio_ctx`), so a batch needs no attention mask.
+    20 ms after :func:`kdforge.models.loading.apply_audio_ctx`), so a batch needs no attention mask;
+    a model trained with ``audio.dynamic_window`` reads only as much of it as the batch's longest
+    utterance needs.
     Multilingual checkpoints are told the language and task ("en", "transcribe") instead of
     detecting the language.
     """
@@ -80,8 +83,12 @@ class WhisperRecognizer:
         config = copy.copy(self.generation_config)
         config.max_length = self.prompt_tokens + max(budgets)
         features = self.extractor(batch, sampling_rate=self.sampling_rate, return_tensors="pt").input_features
-        with torch.inference_mode():
-            rows = self.model.generate(features.to(self.model.dtype), generation_config=config, **self.prompt_options)
+        positions = features.shape[-1] // 2
+        if uses_dynamic_window(self.model):
+            positions = window_positions([-(-len(a) // self.extractor.hop_length) for a in batch], positions)
+        with torch.inference_mode(), encoder_window(self.model, positions):
+            rows = self.model.generate(features[..., : 2 * positions].to(self.model.dtype), generation_config=config,
+                                       **self.prompt_options)
         return [row[:self.prompt_tokens + budget].tolist() for row, budget in zip(rows, budgets, strict=True)]
 
     def transcribe(self, batch: list[np.ndarray]) -> list[str]:

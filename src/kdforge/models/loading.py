@@ -10,6 +10,8 @@ Whisper directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +40,39 @@ def apply_audio_ctx(model: WhisperForConditionalGeneration, processor: WhisperPr
         # where it can be (audio_ctx a multiple of 50), since numpy refuses float padding.
         seconds, rest = divmod(extractor.n_samples, extractor.sampling_rate)
         extractor.chunk_length = seconds if rest == 0 else extractor.n_samples / extractor.sampling_rate
+
+
+#: A dynamic window (``audio.dynamic_window``) grows in steps of this many positions (1 s), so a run
+#: meets only a few distinct shapes.
+WINDOW_STEP = 50
+
+
+def window_positions(frames: Sequence[int], full: int) -> int:
+    """Encoder positions a batch needs: its longest utterance's ``frames`` (mel frames, two per
+    position) rounded up to :data:`WINDOW_STEP`, at most the model's ``full`` window."""
+    needed = -(-int(max(frames)) // 2)
+    return min(full, -(-needed // WINDOW_STEP) * WINDOW_STEP)
+
+
+@contextmanager
+def encoder_window(model: WhisperForConditionalGeneration, positions: int) -> Iterator[None]:
+    """Inside the block, Whisper's encoder takes ``2 * positions`` mel frames: the first
+    ``positions`` rows of its position table, as if :func:`apply_audio_ctx` had cut it (which a
+    model trained with a dynamic window has learned to read). Restored on exit."""
+    encoder = model.get_encoder()
+    table, full = encoder.embed_positions, encoder.config.max_source_positions
+    if positions < full:
+        encoder.embed_positions = torch.nn.Embedding.from_pretrained(table.weight[:positions], freeze=True)
+        encoder.config.max_source_positions = positions  # transformers checks the input length against it
+    try:
+        yield
+    finally:
+        encoder.embed_positions, encoder.config.max_source_positions = table, full
+
+
+def uses_dynamic_window(model: WhisperForConditionalGeneration) -> bool:
+    """Whether the model was trained with ``audio.dynamic_window`` (kept in its saved config)."""
+    return bool(getattr(model.config, "kdforge_dynamic_window", False))
 
 
 def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,

@@ -22,7 +22,7 @@ from torch import Tensor
 from kdforge.data.audio import labelled_ids, load_audio, read_metadata
 from kdforge.data.augment import spec_augment
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import decoder_prompt_length, load_whisper
+from kdforge.models.loading import decoder_prompt_length, encoder_window, load_whisper, window_positions
 
 
 def read_training_audio(data_dir: str, labelled: int | None = None) -> tuple[list, list]:
@@ -81,6 +81,8 @@ class WhisperTask:
     def _load_student(self, work_dir: Path) -> None:
         """The student model, its processor and tokenizer, and the length of its decoder prompt."""
         self.student, self.processor = load_whisper(student_folder(self.config, work_dir), self.config.audio.audio_ctx)
+        # saved with the exported model, so kdforge's decoding uses the window it was trained with
+        self.student.config.kdforge_dynamic_window = self.config.audio.dynamic_window
         self.tokenizer = self.processor.tokenizer
         self.prompt_length = decoder_prompt_length(self.tokenizer)
 
@@ -100,8 +102,9 @@ class WhisperTask:
         return ids
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        """Log-mel ``features (B, 80, 2 * audio_ctx)`` with ``frames (B,)`` of speech in each, decoder
-        ``inputs``, ``targets`` and ``target_mask`` ``(B, L)``. Features are extracted per batch:
+        """Log-mel ``features (B, 80, 2 * W)`` with ``frames (B,)`` of speech in each, decoder
+        ``inputs``, ``targets`` and ``target_mask`` ``(B, L)``; W is ``audio_ctx``, or with
+        ``audio.dynamic_window`` what the longest utterance needs. Features are extracted per batch:
         kept for a whole corpus they would take about 1 MB per utterance at the full window."""
         sequences = [self.train_examples[i] for i in indices]
         length = max(len(s) for s in sequences) - 1
@@ -117,6 +120,8 @@ class WhisperTask:
         audio = [self.audio[i] for i in indices]
         features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
         frames = torch.tensor([-(-len(a) // extractor.hop_length) for a in audio])
+        if self.config.audio.dynamic_window:
+            features = features[..., : 2 * window_positions(frames.tolist(), features.shape[-1] // 2)]
         return {"features": features, "frames": frames, "inputs": inputs, "targets": targets, "target_mask": target_mask}
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -125,8 +130,13 @@ class WhisperTask:
         features = batch["features"]
         if self.config.audio.spec_augment is not None and self.student.training:
             features = spec_augment(features, self.config.audio.spec_augment, batch["frames"])
-        logits = self.student(input_features=features, decoder_input_ids=batch["inputs"]).logits
+        logits = self.forward(features, batch["inputs"]).logits
         return token_loss_terms(logits, None, batch["targets"], batch["target_mask"], self.config.objective)
+
+    def forward(self, features: Tensor, inputs: Tensor, hidden_states: bool = False):
+        """The student's output on ``features (B, 80, 2 * W)``, its encoder cut to those W positions."""
+        with encoder_window(self.student, features.shape[-1] // 2):
+            return self.student(input_features=features, decoder_input_ids=inputs, output_hidden_states=hidden_states)
 
     def evaluate(self) -> dict[str, float]:
         """WER and CER on ``data.eval`` by greedy decoding (empty without eval data)."""

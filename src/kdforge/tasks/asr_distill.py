@@ -225,8 +225,7 @@ class WhisperDistillationTask(WhisperTask):
         features = batch["features"]
         if self.config.audio.spec_augment is not None and self.student.training:
             features = spec_augment(features, self.config.audio.spec_augment, batch["frames"])
-        output = self.student(input_features=features, decoder_input_ids=batch["inputs"],
-                              output_hidden_states=bool(self.mapped))
+        output = self.forward(features, batch["inputs"], hidden_states=bool(self.mapped))
         objective = self.config.objective
         warmed = objective.model_copy(update={"weight": objective.weight * linear_warmup(self.step, objective.warmup_steps)})
         total, terms = token_loss_terms(output.logits, batch.get("teacher_topk"), batch["targets"],

@@ -172,7 +172,7 @@ class TeacherCache:
         self._members = manifest["teachers"].get(ENSEMBLE, {}).get("model", {}).get("members", [])
         if ENSEMBLE in manifest["teachers"]:
             self.locations[ENSEMBLE] = self._index(manifest["teachers"][ENSEMBLE])
-        self._checked: set[str] = set()
+        self._open_shards: dict[str, tuple] = {}
 
     def members(self) -> list[str]:
         """The teachers, in order, whose transcripts the ensemble entry was chosen from."""
@@ -187,20 +187,25 @@ class TeacherCache:
         shard = self.locations[teacher].get(utterance_id)
         if shard is None:
             raise KdforgeError(f"the teacher cache has nothing from {teacher!r} for utterance {utterance_id!r}")
-        path = self.root / shard["file"]
-        if shard["file"] not in self._checked:  # each shard's checksum once per reader
+        handle, available = self._open(shard)
+        prefix = f"{utterance_id}/"
+        keys = [f"{prefix}{name}" for name in names] if names is not None else \
+            [key for key in available if key.startswith(prefix)]
+        missing = [key for key in keys if key not in available]
+        if missing:
+            raise KdforgeError(f"the teacher cache has no {missing[0]!r} from {teacher!r}: rebuild it")
+        return {key[len(prefix):]: handle.get_tensor(key) for key in keys}
+
+    def _open(self, shard: dict):
+        """A shard's reader and its keys, opened (and its checksum verified) once per cache reader:
+        a run reads every utterance many times, and each opening parses the shard's whole header."""
+        if shard["file"] not in self._open_shards:
+            path = self.root / shard["file"]
             if not path.is_file() or sha256_file(path) != shard["sha256"]:
                 raise KdforgeError(f"shard {shard['file']} is missing or corrupted; run `kdforge cache verify`")
-            self._checked.add(shard["file"])
-        prefix = f"{utterance_id}/"
-        with safe_open(path, framework="pt") as handle:
-            available = set(handle.keys())
-            keys = [f"{prefix}{name}" for name in names] if names is not None else \
-                [key for key in available if key.startswith(prefix)]
-            missing = [key for key in keys if key not in available]
-            if missing:
-                raise KdforgeError(f"the teacher cache has no {missing[0]!r} from {teacher!r}: rebuild it")
-            return {key[len(prefix):]: handle.get_tensor(key) for key in keys}
+            handle = safe_open(path, framework="pt")  # memory-mapped: holding it open costs no reading
+            self._open_shards[shard["file"]] = (handle, set(handle.keys()))
+        return self._open_shards[shard["file"]]
 
     def batch(self, teacher: str, utterance_ids: list[str], names: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
         """:meth:`signals` for each utterance of a training batch, in order."""

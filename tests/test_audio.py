@@ -60,6 +60,31 @@ def test_empty_unreadable_and_missing_files_raise_one_clear_error(tmp_path):
         load_audio(tmp_path / "absent.wav")
 
 
+def test_channel_counts_and_sample_rates_that_are_not_speech_recordings_are_refused(tmp_path):
+    soundfile.write(tmp_path / "stereo.wav", np.stack([tone(200, 16_000, 0.2, 0.3)] * 2, axis=1), 16_000)
+    assert load_audio(tmp_path / "stereo.wav").shape == (3200,)  # stereo is mixed down
+    soundfile.write(tmp_path / "surround.wav", np.stack([tone(200, 16_000, 0.2, 0.3)] * 6, axis=1), 16_000)
+    with pytest.raises(KdforgeError, match=r"surround.wav has 6 channels; kdforge reads mono or stereo"):
+        load_audio(tmp_path / "surround.wav")
+    soundfile.write(tmp_path / "slow.wav", tone(100, 500, 1.0, 0.3), 500)
+    with pytest.raises(KdforgeError, match=r"slow.wav is sampled at 500 Hz; kdforge resamples 8000-384000 Hz"):
+        load_audio(tmp_path / "slow.wav")
+
+
+def test_bad_audio_reaches_the_user_as_one_line_and_exit_2(tiny_whisper, tmp_path):
+    import subprocess
+    import sys
+
+    write_folder(tmp_path / "data", ["surround.wav,hello"])
+    soundfile.write(tmp_path / "data" / "surround.wav", np.stack([tone(200, 16_000, 0.2, 0.3)] * 6, axis=1), 16_000)
+    done = subprocess.run([sys.executable, "-m", "kdforge", "eval", "--model", str(tiny_whisper), "--data",
+                           str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"kdforge: error: audio file {tmp_path / 'data' / 'surround.wav'} has 6 channels; kdforge reads mono or "
+        "stereo (mixed down to mono)"]
+
+
 def write_folder(folder, rows, header="file_name,transcription"):
     folder.mkdir(parents=True)
     (folder / "metadata.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")

@@ -118,6 +118,7 @@ def test_cli_prints_a_table_then_the_json_line(tiny_whisper, speech, tmp_path):
 def test_eval_refuses_other_models_and_an_existing_out_file(tiny_whisper, speech, tmp_path):
     (tmp_path / "llm").mkdir()
     (tmp_path / "llm" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "llm" / "model.safetensors").write_bytes(b"")  # the weights are never read: the type is refused first
     with pytest.raises(KdforgeError, match="'llama' model"):
         evaluate(tmp_path / "llm", speech)
     (tmp_path / "kept.jsonl").write_text("{}\n")

@@ -223,3 +223,43 @@ def test_registry_finds_files_without_importing_packages():
     assert [path.name for path in model_files] == ["model.bin.part1", "model.bin.part2"]
     assert model_files[0].parent != model_files[1].parent  # two packages
     assert (assets_dir / "tokenizer.json").is_file()
+
+
+def test_only_safetensors_and_no_shipped_code_are_ever_loaded(tiny_whisper, tmp_path):
+    """A pickled .bin checkpoint, model code in the folder (auto_map), a broken or absent config:
+    each is refused by name, before transformers reads anything, with one line and exit 2."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from kdforge.errors import KdforgeError
+    from kdforge.models.loading import model_type_of
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_whisper, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_whisper, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_x.Model"}}))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_whisper, broken)
+    (broken / "config.json").write_text("{not json")
+    expected = {pickled: "holds no *.safetensors weights; kdforge never loads pickled (.bin) weights",
+                remote: "needs code shipped with the model (auto_map in config.json); kdforge never runs it",
+                broken: "cannot read", tmp_path / "absent": "is not a model directory (no config.json)"}
+    for folder, message in expected.items():
+        with pytest.raises(KdforgeError, match=re.escape(message)):
+            model_type_of(folder)
+    import numpy as np
+    import soundfile
+
+    (tmp_path / "data").mkdir()
+    soundfile.write(tmp_path / "data" / "a.wav", np.zeros(8000, dtype=np.float32), 16_000)
+    (tmp_path / "data" / "metadata.csv").write_text("file_name,transcription\na.wav,hello\n")
+    done = subprocess.run([sys.executable, "-m", "kdforge", "eval", "--model", str(pickled),
+                           "--data", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"kdforge: error: {pickled} {expected[pickled]}"]

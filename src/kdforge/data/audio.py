@@ -21,6 +21,11 @@ import soxr
 from kdforge.errors import KdforgeError
 
 SAMPLE_RATE = 16_000
+#: More channels than this are not one speaker's recording: refused rather than averaged.
+MAX_CHANNELS = 2
+#: Below 8 kHz (telephone band) speech has lost what a 16 kHz model listens to; above, no real
+#: recording exists and the rate is a corrupted header.
+MIN_RATE, MAX_RATE = 8_000, 384_000
 REQUIRED_COLUMNS = ("file_name", "transcription")
 
 
@@ -68,6 +73,12 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise KdforgeError(f"cannot decode audio file {path}: {error}") from error
     if frames.size == 0:
         raise KdforgeError(f"audio file {path} holds no samples")
+    if frames.shape[1] > MAX_CHANNELS:
+        raise KdforgeError(f"audio file {path} has {frames.shape[1]} channels; kdforge reads mono or stereo "
+                           "(mixed down to mono)")
+    if not MIN_RATE <= file_rate <= MAX_RATE:
+        raise KdforgeError(f"audio file {path} is sampled at {file_rate} Hz; kdforge resamples "
+                           f"{MIN_RATE}-{MAX_RATE} Hz audio to {sample_rate} Hz")
     return resample(to_mono(frames), file_rate, sample_rate)
 
 

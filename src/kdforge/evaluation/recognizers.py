@@ -17,7 +17,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import (decoder_prompt_length, encoder_window, load_whisper, model_type_of,
+from kdforge.models.loading import (SAFE_LOADING, decoder_prompt_length, encoder_window, load_whisper, model_type_of,
                                     uses_dynamic_window, window_positions)
 
 # Token budget of one utterance: 8 tokens per second of its audio (as much as the window holds) plus
@@ -129,7 +129,7 @@ def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None) -> Reco
     if model_type == "wav2vec2-bert":
         from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
 
-        model = Wav2Vec2BertForCTC.from_pretrained(model_dir).eval()
+        model = Wav2Vec2BertForCTC.from_pretrained(model_dir, **SAFE_LOADING).eval()
         return CTCRecognizer(model, Wav2Vec2CTCTokenizer.from_pretrained(model_dir),
                              WhisperFeatureExtractor.from_pretrained(model_dir))
     if model_type != "whisper":

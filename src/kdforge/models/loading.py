@@ -83,9 +83,8 @@ def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
         KdforgeError: the directory is missing or holds no loadable Whisper model.
     """
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
-    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    model_type_of(model_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, **SAFE_LOADING)
     processor = WhisperProcessor.from_pretrained(model_dir)
     # A model saved with a shorter window carries it in its config; the extractor is made to match.
     apply_audio_ctx(model, processor, audio_ctx or model.config.max_source_positions)
@@ -93,16 +92,33 @@ def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
     return model, processor
 
 
+#: How kdforge loads every model folder: weights from safetensors only (a ``.bin`` file is a
+#: pickle, which can run code), and never code shipped inside the folder.
+SAFE_LOADING = {"use_safetensors": True, "trust_remote_code": False}
+
+
 def model_type_of(model_dir: str | Path) -> str:
-    """The ``model_type`` in ``model_dir/config.json`` (e.g. "whisper", "wav2vec2-bert", "llama").
+    """The ``model_type`` in ``model_dir/config.json`` (e.g. "whisper", "wav2vec2-bert", "llama"),
+    after checking the folder is one kdforge loads (every model loader calls this first).
 
     Raises:
-        KdforgeError: the directory holds no ``config.json``.
+        KdforgeError: no ``config.json``, one that is not JSON, no safetensors weights, or a model
+            that needs its own code (``auto_map``).
     """
-    config_path = Path(model_dir) / "config.json"
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise KdforgeError(f"{model_dir} is not a model directory (no config.json)")
-    return json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise KdforgeError(f"cannot read {config_path}: {error}") from None
+    if not any(model_dir.glob("*.safetensors")):
+        raise KdforgeError(f"{model_dir} holds no *.safetensors weights; kdforge never loads pickled (.bin) weights")
+    if "auto_map" in config:
+        raise KdforgeError(f"{model_dir} needs code shipped with the model (auto_map in config.json); kdforge never "
+                           "runs it")
+    return config.get("model_type", "")
 
 
 def decoder_prompt_length(tokenizer) -> int:

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kdforge.errors import KdforgeError
 from kdforge.files import check_new_folder
+from kdforge.models.loading import SAFE_LOADING
 
 
 def maximally_spaced(total: int, keep: int) -> list[int]:
@@ -74,7 +75,7 @@ def init_student(teacher_dir: str | Path, out_dir: str | Path, layers: list[int]
 def _init_whisper_student(teacher_dir: Path, out_dir: Path, layers: list[int] | None, num_layers: int) -> Path:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32)
+    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32, **SAFE_LOADING)
     config = teacher.config
     layers = _chosen_layers(config.decoder_layers, layers, num_layers)
     config.decoder_layers = len(layers)
@@ -91,7 +92,7 @@ def _init_causal_lm_student(teacher_dir: Path, out_dir: Path, layers: list[int] 
     config = AutoConfig.from_pretrained(teacher_dir)
     total = config.num_hidden_layers
     layers = _chosen_layers(total, layers, num_layers or max(1, total // 4))
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, **SAFE_LOADING)
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]

@@ -22,7 +22,8 @@ from torch import Tensor
 from kdforge.data.audio import labelled_ids, load_audio, read_metadata
 from kdforge.data.augment import spec_augment
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import decoder_prompt_length, encoder_window, load_whisper, window_positions
+from kdforge.models.loading import (SAFE_LOADING, decoder_prompt_length, encoder_window, load_whisper, model_type_of,
+                                    window_positions)
 
 
 def read_training_audio(data_dir: str, labelled: int | None = None) -> tuple[list, list]:
@@ -167,7 +168,8 @@ class CTCTask:
         self.config = config
         if config.teachers:
             raise KdforgeError("a CTC model trains from labels for now; remove 'teachers'")
-        self.student = Wav2Vec2BertForCTC.from_pretrained(config.student.path)
+        model_type_of(config.student.path)
+        self.student = Wav2Vec2BertForCTC.from_pretrained(config.student.path, **SAFE_LOADING)
         self.student.train()
         self.tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(config.student.path)
         self.extractor = WhisperFeatureExtractor.from_pretrained(config.student.path)

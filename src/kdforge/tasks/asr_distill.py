@@ -41,6 +41,9 @@ def encoder_shape(model_dir: str | Path) -> tuple[int, int, float]:
     """
     from transformers import AutoConfig
 
+    from kdforge.models.loading import model_type_of
+
+    model_type_of(model_dir)  # a missing or unsafe folder is named before transformers reads it
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type == "whisper":
         return config.encoder_layers + 1, config.d_model, 50.0

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from kdforge.data.audio import labelled_ids, read_metadata
 from kdforge.losses import TopKTeacher
-from kdforge.models.loading import decoder_prompt_length, model_type_of
+from kdforge.models.loading import SAFE_LOADING, decoder_prompt_length, model_type_of
 from kdforge.tasks.asr import read_training_audio
 from kdforge.teachers.cache import ENSEMBLE, TeacherShards, data_fingerprint, model_identity, write_manifest
 
@@ -126,7 +126,7 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
     if model_type_of(model_dir) == "wav2vec2-bert":
         from transformers import Wav2Vec2BertForCTC, WhisperFeatureExtractor
 
-        model = Wav2Vec2BertForCTC.from_pretrained(model_dir).eval()
+        model = Wav2Vec2BertForCTC.from_pretrained(model_dir, **SAFE_LOADING).eval()
         extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
 
         def signals(batch_audio, texts):

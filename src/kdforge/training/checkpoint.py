@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kdforge.config import RunConfig
@@ -113,18 +115,28 @@ def _write_checkpoint_folder(out_dir: Path, name: str, write: Callable[[Path], N
         KdforgeError: the disk refused (full, read-only...): the earlier checkpoints are untouched.
     """
     root = out_dir / CHECKPOINTS
-    root.mkdir(exist_ok=True)
     final, temporary = root / name, root / f".tmp-{name}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
     try:
+        root.mkdir(exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
         write(temporary)
         _flush_folder(temporary)
         temporary.rename(final)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise KdforgeError(f"could not write checkpoint {name} ({error.strerror}); the earlier ones are intact") from None
+        raise KdforgeError(f"could not write checkpoint {name} ({disk_error_reason(error)}); "
+                           "the earlier ones are intact") from None
     return final
+
+
+def disk_error_reason(error: Exception) -> str:
+    """The operating system's words for a failed write: an OSError's own, or the ones safetensors
+    wraps in its ``SafetensorError`` ("Error while serializing: I/O error: No space left on device
+    (os error 28)" -> "No space left on device")."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return re.sub(r" \(os error \d+\)$", "", str(error).splitlines()[0].rsplit(": ", 1)[-1])
 
 
 def _save_weights(folder: Path, trainable: dict[str, torch.Tensor]) -> None:

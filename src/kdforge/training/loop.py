@@ -60,13 +60,17 @@ def accumulate_gradients(task, micro_batches: list[dict], out_dir: Path, step: i
         share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
         loss, terms = task.loss(micro)
         if not torch.isfinite(loss):
-            last = latest_checkpoint(out_dir)
-            kept = f"last good checkpoint: {last.name}" if last else "no checkpoint was written yet"
-            raise KdforgeError(f"the loss became {loss.item()} at step {step + 1}; stopped ({kept})")
+            raise KdforgeError(f"the loss became {loss.item()} at step {step + 1}; stopped ({kept_checkpoint(out_dir)})")
         (loss * share).backward()
         for name, value in {"loss": loss, **terms}.items():
             logged[name] = logged.get(name, 0.0) + float(value.detach()) * share
     return logged
+
+
+def kept_checkpoint(out_dir: Path) -> str:
+    """What a stopped run still has: its newest checkpoint, named."""
+    last = latest_checkpoint(out_dir)
+    return f"last good checkpoint: {last.name}" if last else "no checkpoint was written yet"
 
 
 def parameter_counts(task, trainable: dict[str, torch.nn.Parameter]) -> dict[str, int]:
@@ -147,8 +151,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             optimizer.zero_grad(set_to_none=True)
             task.step = step  # loss weights with a warm-up read it
             step_terms = accumulate_gradients(task, micro_batches, out_dir, step)
-            if settings.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm)
+            # a finite loss can still give non-finite gradients; stepping them would poison the weights
+            norm = torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm or float("inf"))
+            if not torch.isfinite(norm):
+                raise KdforgeError(f"the gradients became {norm.item()} at step {step + 1}; stopped "
+                                   f"({kept_checkpoint(out_dir)})")
             optimizer.step()
             scheduler.step()
             done = step + 1

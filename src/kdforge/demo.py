@@ -88,22 +88,24 @@ def claim_output(out: Path, plan: DemoPlan) -> None:
     write_json_atomic(record, asdict(plan))
 
 
+def data_and_budget(plan: DemoPlan, workspace: Path, steps: int) -> list[str]:
+    """The ``--set`` overrides every demo config shares: its corpus, labels and step budget."""
+    return [f"data.train={workspace / 'data' / 'train'}", f"data.eval={workspace / 'data' / 'test'}",
+            f"data.labelled={plan.labelled}", f"training.steps={steps}", f"training.eval_every={steps}",
+            f"training.checkpoint_every={steps}"]
+
+
 def teacher_overrides(name: str, plan: DemoPlan, workspace: Path, models: dict[str, Path]) -> list[str]:
     """The ``--set`` overrides that point a full-size teacher config at the demo's data and budget."""
-    steps = plan.teacher_steps[name]
     start = workspace / "ctc-init" if name == "ctc" else models[name]
-    return [f"student.path={start}", f"data.train={workspace / 'data' / 'train'}",
-            f"data.eval={workspace / 'data' / 'test'}", f"data.labelled={plan.labelled}",
-            f"training.steps={steps}", f"training.eval_every={steps}", f"training.checkpoint_every={steps}",
+    return [f"student.path={start}", *data_and_budget(plan, workspace, plan.teacher_steps[name]),
             *plan.teacher_overrides]
 
 
 def student_overrides(plan: DemoPlan, workspace: Path, models: dict[str, Path]) -> list[str]:
     """The ``--set`` overrides that point every method config at the demo's student, data and budget."""
-    steps = plan.student_steps
-    return [f"student.init_from={models['whisper-tiny.en']}", f"data.train={workspace / 'data' / 'train'}",
-            f"data.eval={workspace / 'data' / 'test'}", f"data.labelled={plan.labelled}", f"training.steps={steps}",
-            f"training.eval_every={steps}", f"training.checkpoint_every={steps}", *plan.student_overrides]
+    return [f"student.init_from={models['whisper-tiny.en']}", *data_and_budget(plan, workspace, plan.student_steps),
+            *plan.student_overrides]
 
 
 def distil_overrides(workspace: Path) -> list[str]:
@@ -213,7 +215,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None, configs: str | Path 
     stages.start("export", "the best student, results and plots")
     students = [row for row in report["rows"] if row["method"] in plan.methods]
     best = min(students, key=lambda row: row["wer"]["mean"])
-    run_dirs = {m: out / "runs" / f"{m.replace(':', '-')}-s0" for m in plan.methods}
+    run_dirs = {m: asr.run_folder(out, m, 0) for m in plan.methods}
     shutil.copytree(run_dirs[best["method"]] / "student", out / "student", dirs_exist_ok=True)
     plot_runs({m: [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
                for m, d in run_dirs.items()}, out / "curves.png")

@@ -63,10 +63,15 @@ def method_config(method: str, configs: Path, seed: int, overrides: tuple[str, .
     return load_config(configs / config_name, [*assignments, *distil_overrides]) if config.teachers else config
 
 
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    """Where :func:`run` trains one seed of one method."""
+    return out / "runs" / f"{method.replace(':', '-')}-s{seed}"
+
+
 def train_row(method: str, configs: Path, out: Path, seed: int, overrides: tuple[str, ...] = (),
               distil_overrides: tuple[str, ...] = ()) -> Path:
     """Train (or reuse) one seed of one method; returns its run folder."""
-    run_dir = out / "runs" / f"{method.replace(':', '-')}-s{seed}"
+    run_dir = run_folder(out, method, seed)
     if not (run_dir / "result.json").exists():
         config = method_config(method, configs, seed, overrides, distil_overrides)
         train(config, run_dir, resume=(run_dir / "config.json").exists())

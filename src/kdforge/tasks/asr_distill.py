@@ -29,6 +29,7 @@ from kdforge.alignment import (StudentProjection, TeacherProjection, lppm_loss, 
 from kdforge.errors import KdforgeError
 from kdforge.losses import TopKTeacher
 from kdforge.losses.sparse import LOG_FLOOR
+from kdforge.models.loading import model_type_of
 from kdforge.tasks.asr import WhisperTask, read_training_audio
 from kdforge.teachers.cache import ENSEMBLE, TeacherCache, data_fingerprint
 from kdforge.teachers.ensemble import ensemble_top_k
@@ -40,8 +41,6 @@ def encoder_shape(model_dir: str | Path) -> tuple[int, int, float]:
     Hidden states count the input embedding, as ``output_hidden_states`` returns them.
     """
     from transformers import AutoConfig
-
-    from kdforge.models.loading import model_type_of
 
     model_type_of(model_dir)  # a missing or unsafe folder is named before transformers reads it
     config = AutoConfig.from_pretrained(model_dir)

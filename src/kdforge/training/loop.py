@@ -23,8 +23,10 @@ from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
 from kdforge.training.curves import TensorBoardLog, plot_history
 from kdforge.files import write_json_atomic, write_text_atomic
+from kdforge.training import distributed
 from kdforge.training.checkpoint import (best_value, claim_run_folder, empty_run_folder, latest_checkpoint,
-                                         load_checkpoint, save_best, save_checkpoint)
+                                         load_checkpoint, rng_states, save_best, save_checkpoint)
+from kdforge.training.distributed import World
 
 
 def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -48,13 +50,20 @@ def learning_rate_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def accumulate_gradients(task, micro_batches: list[dict], out_dir: Path, step: int) -> dict[str, float]:
-    """Backpropagate the global batch's loss through its micro-batches; return the logged terms.
+def target_tokens(batches: list[dict]) -> int:
+    """How many target tokens (positions the loss counts) the batches hold."""
+    return sum(int(batch["target_mask"].sum()) for batch in batches)
+
+
+def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out_dir: Path,
+                         step: int) -> dict[str, float]:
+    """Backpropagate this process's part of the global batch through its micro-batches; return the
+    logged terms (this process's share of each batch mean).
 
     Each micro-batch's loss is a mean over its own target tokens; weighting it by its share of the
-    batch's target tokens makes the sum the mean over the whole batch, whatever the split.
+    global batch's ``batch_tokens`` target tokens makes the sum over micro-batches and processes
+    the mean over the whole batch, whatever the split.
     """
-    batch_tokens = sum(int(b["target_mask"].sum()) for b in micro_batches)
     logged: dict[str, float] = {}
     for micro in micro_batches:
         share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
@@ -103,54 +112,76 @@ def build_task(config: RunConfig, out_dir: Path):
     return LMTask(config, out_dir)
 
 
+def sum_terms(world: World, terms: dict[str, float]) -> dict[str, float]:
+    """Each logged term summed over the processes (every process logs the same names)."""
+    names = sorted(terms)
+    totals = world.sum(torch.tensor([terms[name] for name in names], dtype=torch.float64))
+    return dict(zip(names, totals.tolist()))
+
+
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """Train (or resume) the run described by ``config`` into ``out_dir``; returns the final metrics.
 
+    Started by torchrun or accelerate launch, every process runs this with the same arguments and
+    they train one model with data parallelism (:mod:`kdforge.training.distributed`).
+
     Raises:
-        KdforgeError: the folder holds a finished or different run, bad data or models, or the
-            loss stopped being finite (the last good checkpoint is kept).
+        KdforgeError: the folder holds a finished or different run, bad data or models, a batch that
+            does not split over the processes, or the loss stopped being finite (the last good
+            checkpoint is kept).
     """
     out_dir = Path(out_dir)
-    new_run = claim_run_folder(out_dir, config, resume)
+    world = distributed.join()
     settings = config.training
-    torch.manual_seed(settings.seed)
-    try:
-        task = build_task(config, out_dir)
-    except BaseException:
-        if new_run:  # nothing was trained: leave the folder as it was, so a corrected config can use it
-            empty_run_folder(out_dir)
-        raise
+    if settings.batch_size % (world.size * settings.grad_accum):
+        raise KdforgeError(f"training.batch_size {settings.batch_size} does not split into {world.size} processes x "
+                           f"{settings.grad_accum} micro-batches (training.grad_accum)")
+    with world.main_first():  # one process claims the folder and builds what the others reuse
+        new_run = claim_run_folder(out_dir, config, resume) if world.is_main else False
+        torch.manual_seed(settings.seed)
+        try:
+            task = build_task(config, out_dir)
+        except BaseException:
+            if new_run:  # nothing was trained: leave the folder as it was, so a corrected config can use it
+                empty_run_folder(out_dir)
+            raise
     heads = getattr(task, "heads", None)  # training-only modules (projection heads): trained, never exported
     model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    world.broadcast_from_main(list(trainable.values()))
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
     start = 0
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler, world)
     history_path = out_dir / "history.jsonl"
     history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
     history = [entry for entry in history if entry["step"] <= start]  # drop what the crash outran
-    write_text_atomic(history_path, "".join(json.dumps(e) + "\n" for e in history))
+    if world.is_main:
+        write_text_atomic(history_path, "".join(json.dumps(e) + "\n" for e in history))
 
     metric = task.selection_metric  # lower is better
     best = best_value(out_dir)
     started = time.perf_counter()
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn())
-    tensorboard = TensorBoardLog(out_dir / "tensorboard", start)
-    with Progress(*columns, disable=not show_progress) as progress:
+    tensorboard = TensorBoardLog(out_dir / "tensorboard", start) if world.is_main else None
+    rank_size = settings.batch_size // world.size
+    micro_size = rank_size // settings.grad_accum
+    with Progress(*columns, disable=not (show_progress and world.is_main)) as progress:
         bar = progress.add_task("train", total=settings.steps, completed=start, status="")
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(task.train_examples), settings.batch_size, settings.seed)
-            micro_size = settings.batch_size // settings.grad_accum
-            micro_batches = [task.batch(indices[i : i + micro_size]) for i in range(0, len(indices), micro_size)]
+            mine = indices[world.rank * rank_size : (world.rank + 1) * rank_size]
+            micro_batches = [task.batch(mine[i : i + micro_size]) for i in range(0, rank_size, micro_size)]
+            batch_tokens = world.sum(torch.tensor(target_tokens(micro_batches)))
             optimizer.zero_grad(set_to_none=True)
             task.step = step  # loss weights with a warm-up read it
-            step_terms = accumulate_gradients(task, micro_batches, out_dir, step)
+            step_terms = sum_terms(world, accumulate_gradients(task, micro_batches, int(batch_tokens), out_dir, step))
+            world.sum_gradients(list(trainable.values()))
             # a finite loss can still give non-finite gradients; stepping them would poison the weights
             norm = torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm or float("inf"))
             if not torch.isfinite(norm):
@@ -160,30 +191,38 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             scheduler.step()
             done = step + 1
             entry = {"step": done, "lr": scheduler.get_last_lr()[0], **step_terms}
-            if done % settings.eval_every == 0 or done == settings.steps:
-                entry["eval"] = task.evaluate()
+            if world.is_main and (done % settings.eval_every == 0 or done == settings.steps):
+                entry["eval"] = task.evaluate()  # the weights are the same on every process
                 value = entry["eval"].get(metric)
                 if value is not None and (best is None or value < best):
                     best = value
                     save_best(out_dir, done, trainable, metric, value)
             history.append(entry)
-            with history_path.open("a") as log:
-                log.write(json.dumps(entry) + "\n")
-            tensorboard.log(entry)
             if done % settings.checkpoint_every == 0 and done != settings.steps:
-                save_checkpoint(out_dir, done, trainable, optimizer, scheduler, settings.keep_checkpoints)
+                rng = rng_states(world)  # every process takes part: each one's generator is saved
+                if world.is_main:
+                    save_checkpoint(out_dir, done, trainable, optimizer, scheduler, settings.keep_checkpoints, rng)
+            if world.is_main:
+                with history_path.open("a") as log:
+                    log.write(json.dumps(entry) + "\n")
+                tensorboard.log(entry)
+            # the other processes need not wait for the main one's evaluation or checkpoint here:
+            # the next step's first sum does
             progress.update(bar, advance=1, status=f"loss {step_terms['loss']:.4f}")
-    tensorboard.close()
 
-    student_dir = out_dir / "student"
-    lora = config.student.lora
-    task.export(student_dir, exportable(task.student, merge=lora is None or lora.merge_on_export))
     evaluations = [e["eval"] for e in history if "eval" in e]
     result = {"steps": settings.steps, "train_seconds": time.perf_counter() - started,
               "final_loss": history[-1]["loss"] if history else None,
-              "eval": evaluations[-1] if evaluations else {}, "parameters": parameter_counts(task, trainable)}
+              "eval": evaluations[-1] if evaluations else {}, "parameters": parameter_counts(task, trainable),
+              "processes": world.size}
     if hasattr(task, "teachers_used"):
         result["teachers_used"] = task.teachers_used()
-    plot_history(history, out_dir / "curves.png")
-    write_json_atomic(out_dir / "result.json", result)
+    if world.is_main:
+        tensorboard.close()
+        lora = config.student.lora
+        task.export(out_dir / "student", exportable(task.student, merge=lora is None or lora.merge_on_export))
+        plot_history(history, out_dir / "curves.png")
+        write_json_atomic(out_dir / "result.json", result)
+    world.barrier()
+    distributed.leave(world)
     return result

@@ -302,3 +302,23 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-0000002"]  # complete, and no half-written folder beside it
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").exists()
+
+
+def test_generation_is_greedy_or_seeded_sampling_whatever_the_batch(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from kdforge.tasks.lm import Sampling, generate_answers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    tokenizer = tiny["tokenizer"]
+    queries = [p.question for p in arithmetic.generate(6, seed=9)]
+    greedy = generate_answers(model, tokenizer, queries, max_new_tokens=12, batch_size=4)
+    assert greedy == [generate_answers(model, tokenizer, [q], max_new_tokens=12)[0] for q in queries]  # padding-proof
+    hot = Sampling(temperature=3.0, seed=1)
+    sampled = generate_answers(model, tokenizer, queries, max_new_tokens=12, sampling=hot)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    assert generate_answers(model, tokenizer, queries, max_new_tokens=12, sampling=hot) == sampled
+    assert torch.rand(1) == before  # the caller's random stream is left alone
+    assert sampled != greedy  # a random model at T = 3 does not follow its argmax for 12 tokens

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from kdforge.data.arithmetic import extract_answer
 from kdforge.losses.reduction import masked_mean
 from kdforge.metrics import token_nll, topk_consistency_rate, topk_overlap_rate
-from kdforge.tasks.lm import Example, collate, generate_answers, next_token_logits
+from kdforge.tasks.lm import Example, Sampling, collate, generate_answers, next_token_logits
 
 CR_KS = (1, 2, 3, 4, 5)
 MOR_KS = (3, 5, 10, 20)
@@ -51,7 +51,8 @@ def agreement_metrics(student: torch.nn.Module, teacher_logprobs, examples: list
 
 
 def exact_match_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str],
-                         answers: list[int], max_new_tokens: int = 48) -> float:
-    """Percent of queries whose greedy continuation's ``#### N`` equals the reference answer."""
-    generated = generate_answers(model, tokenizer, queries, max_new_tokens=max_new_tokens)
+                         answers: list[int], max_new_tokens: int = 48, sampling: Sampling | None = None) -> float:
+    """Percent of queries whose continuation's ``#### N`` equals the reference answer (greedy, or
+    sampled with ``sampling``)."""
+    generated = generate_answers(model, tokenizer, queries, max_new_tokens=max_new_tokens, sampling=sampling)
     return 100 * sum(extract_answer(text) == answer for text, answer in zip(generated, answers)) / max(len(answers), 1)

@@ -93,22 +93,37 @@ def next_token_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tenso
     return model(input_ids=batch["inputs"], attention_mask=batch["attention_mask"]).logits[:, :-1]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: softmax ``temperature``, nucleus ``top_p``, and the ``seed`` that makes it repeatable."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str],
-                     max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
-    """Greedy continuations of the prompts, batched (left padding) with the KV cache."""
+                     max_new_tokens: int = 48, batch_size: int = 32, sampling: Sampling | None = None) -> list[str]:
+    """Continuations of the prompts, batched (left padding) with the KV cache: greedy, or sampled
+    with ``sampling`` (seeded without touching the caller's random state)."""
+    decoding = (dict(do_sample=False) if sampling is None else
+                dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0))
     was_training = model.training
     model.eval()
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
     try:
-        for start in range(0, len(queries), batch_size):
-            prompts = [prompt_text(tokenizer, q) for q in queries[start : start + batch_size]]
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(output[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+        with torch.random.fork_rng():
+            if sampling is not None:
+                torch.manual_seed(sampling.seed)
+            for start in range(0, len(queries), batch_size):
+                prompts = [prompt_text(tokenizer, q) for q in queries[start : start + batch_size]]
+                encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                output = model.generate(**encoded, max_new_tokens=max_new_tokens, **decoding,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                answers += tokenizer.batch_decode(output[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = previous_side
         model.train(was_training)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
@@ -27,7 +29,10 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     if absent:
         raise KdforgeError(f"LoRA target module {absent[0]!r} does not exist in this model")
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads an attribute transformers 5 deprecated; the warning is theirs, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def exportable(model: torch.nn.Module, merge: bool) -> torch.nn.Module:

@@ -26,26 +26,19 @@ def wide_whisper(tiny_whisper, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctc_teacher(tmp_path_factory):
-    from kdforge.models.ctc import build_ctc_model
-
-    return build_ctc_model(tmp_path_factory.mktemp("ctc") / "model", size="tiny")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path_factory):
+def cache_dir(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path_factory):
     """The teacher cache of :func:`distill_config`, built once for this module."""
     from kdforge.teachers.build import build_cache_from_config
 
     folder = tmp_path_factory.mktemp("distill") / "cache"
-    build_cache_from_config(distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, folder), folder)
+    build_cache_from_config(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, folder), folder)
     return folder
 
 
-def distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, **sections):
+def distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, **sections):
     raw = {
         "task": "asr",
-        "teachers": [{"path": str(wide_whisper), "name": "wide"}, {"path": str(ctc_teacher), "name": "ctc.v1"}],
+        "teachers": [{"path": str(wide_whisper), "name": "wide"}, {"path": str(tiny_ctc), "name": "ctc.v1"}],
         "student": {"init_from": str(tiny_whisper), "num_layers": 1, "lora": {"r": 2, "alpha": 4}},
         "data": {"train": str(speech), "labelled": 3},
         "audio": {"audio_ctx": 50},
@@ -59,25 +52,25 @@ def distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, *
     return parse_config(raw)
 
 
-def test_the_uniform_layer_map_pairs_every_student_layer(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path):
+def test_the_uniform_layer_map_pairs_every_student_layer(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path):
     from kdforge.tasks.asr_distill import layer_plan
 
-    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path / "cache")
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path / "cache")
     student_layers, plan = layer_plan(config)
     assert student_layers == [1]  # the student's one encoder layer (0 is the embedding)
     assert plan == {"wide": [2], "ctc.v1": [1]}  # the last of 3 and of 2 hidden states
-    bad = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path / "cache")
+    bad = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path / "cache")
     bad.teachers[0].layers = [7]
     with pytest.raises(KdforgeError, match="teacher 'wide' has hidden states 0..2; it lacks layer 7"):
         layer_plan(bad)
 
 
-def test_distillation_reads_the_cache_and_never_runs_a_teacher(tiny_whisper, wide_whisper, ctc_teacher, speech,
+def test_distillation_reads_the_cache_and_never_runs_a_teacher(tiny_whisper, wide_whisper, tiny_ctc, speech,
                                                                cache_dir, tmp_path, monkeypatch):
     import kdforge.teachers.build as build
     from kdforge.training.loop import train
 
-    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher ran during training")
@@ -104,12 +97,12 @@ def test_distillation_reads_the_cache_and_never_runs_a_teacher(tiny_whisper, wid
 
 
 def test_targets_are_references_on_the_labelled_part_and_the_ensemble_elsewhere(tiny_whisper, wide_whisper,
-                                                                                 ctc_teacher, speech, tmp_path, cache_dir):
+                                                                                 tiny_ctc, speech, tmp_path, cache_dir):
     from kdforge.data.audio import labelled_ids, read_metadata
     from kdforge.tasks.asr_distill import WhisperDistillationTask
     from kdforge.teachers.cache import ENSEMBLE
 
-    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     task = WhisperDistillationTask(config, tmp_path)
     records = read_metadata(speech)
     labelled = labelled_ids(records, 3)
@@ -119,11 +112,11 @@ def test_targets_are_references_on_the_labelled_part_and_the_ensemble_elsewhere(
     assert task.logit_teachers == ["wide"]  # the CTC teacher's characters are not the student's vocabulary
 
 
-def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whisper, wide_whisper, ctc_teacher,
+def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whisper, wide_whisper, tiny_ctc,
                                                                     speech, tmp_path, cache_dir):
     from kdforge.tasks.asr_distill import WhisperDistillationTask
 
-    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     task = WhisperDistillationTask(config, tmp_path)
     batch = task.batch([0, 1, 2])
     frames = batch["encoder_frames"]
@@ -146,12 +139,12 @@ def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whispe
     assert not any(p.requires_grad for p in task.heads["teachers"].parameters())  # the teacher maps are fixed
 
 
-def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(tiny_whisper, wide_whisper, ctc_teacher,
+def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(tiny_whisper, wide_whisper, tiny_ctc,
                                                                               speech, tmp_path, cache_dir):
     from kdforge.alignment import lppm_loss
     from kdforge.tasks.asr_distill import WhisperDistillationTask
 
-    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     task = WhisperDistillationTask(config, tmp_path)
     batch = task.batch([0, 1, 2])
     batch["encoder_frames"] = torch.tensor([20, 35, 50])  # these utterances fill the tiny window: pretend they don't
@@ -164,36 +157,36 @@ def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(ti
     torch.testing.assert_close(term, lppm_loss(student, teachers, frames, task.teacher_weights))
 
 
-def test_a_stale_cache_is_refused_naming_the_setting(tiny_whisper, wide_whisper, ctc_teacher, speech, tmp_path, cache_dir):
+def test_a_stale_cache_is_refused_naming_the_setting(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, cache_dir):
     from kdforge.tasks.asr_distill import open_cache
 
-    open_cache(distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir))  # the matching one opens
-    other = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, data={"labelled": 4})
+    open_cache(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir))  # the matching one opens
+    other = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, data={"labelled": 4})
     with pytest.raises(KdforgeError, match="labelled differ"):
         open_cache(other)
 
 
 def test_label_only_students_are_built_from_the_teacher_and_start_like_distilled_ones(
-        tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir, tmp_path):
+        tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, tmp_path):
     from kdforge.tasks.asr import WhisperTask
     from kdforge.tasks.asr_distill import WhisperDistillationTask
 
-    labels_only = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir,
+    labels_only = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
                                  objective={"name": "none"}, alignment=None)
     labels_only.teachers = []
     plain = WhisperTask(labels_only, tmp_path / "plain")
     assert (tmp_path / "plain" / "student-init" / "config.json").exists()
     assert len(plain.train_examples) == 3  # data.labelled: the labelled part only
-    distilled = WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir),
+    distilled = WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir),
                                         tmp_path / "distilled")
     adapters = {n: p for n, p in plain.student.named_parameters() if "lora_A" in n}
     assert adapters and all(torch.equal(p, dict(distilled.student.named_parameters())[n]) for n, p in adapters.items())
 
 
-def test_a_cache_of_another_ensemble_is_refused(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir):
+def test_a_cache_of_another_ensemble_is_refused(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir):
     from kdforge.tasks.asr_distill import open_cache
 
-    config = distill_config(tiny_whisper, wide_whisper, ctc_teacher, speech, cache_dir)
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     config.teachers = config.teachers[::-1]
     with pytest.raises(KdforgeError, match="holds the transcripts of the ensemble wide, ctc.v1, not of ctc.v1, wide"):
         open_cache(config)

@@ -49,6 +49,15 @@ def test_overrides_and_defaults():
         parse_config(with_change(lambda r: None), ["objective=[1"])
 
 
+def test_an_override_reaches_a_list_item_by_its_index():
+    config = parse_config(with_change(lambda r: None), ["teachers.0.weight=3", "teachers.0.layers=[1, 2]"])
+    assert config.teachers[0].weight == 3 and config.teachers[0].layers == [1, 2]
+    with pytest.raises(KdforgeError, match=r"--set teachers.1.weight: the list has items 0..0, not '1'"):
+        parse_config(with_change(lambda r: None), ["teachers.1.weight=3"])
+    with pytest.raises(KdforgeError, match=r"--set teachers.0: set a whole list \(teachers=\[...\]\)"):
+        parse_config(with_change(lambda r: None), ["teachers.0={path: t}"])
+
+
 def test_paths_expand_home_and_kdforge_home(monkeypatch, tmp_path):
     monkeypatch.setenv("KDFORGE_HOME", str(tmp_path))
     config = parse_config(with_change(lambda r: r["teachers"][0].update(path="$KDFORGE_HOME/models/t")))

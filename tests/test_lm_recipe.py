@@ -17,25 +17,12 @@ from kdforge.teachers.ensemble import ensemble_logprobs
 from kdforge.training.loop import batch_indices, train
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tokenizer, a tiny teacher and a data file, built once for this module."""
-    root = tmp_path_factory.mktemp("tiny-lm")
-    problems = arithmetic.generate(40, seed=3)
-    tokenizer = train_tokenizer([p.question + "\n" + p.solution for p in arithmetic.generate(300, seed=2)],
-                                vocab_size=300)
-    teacher = build_tiny_lm(root / "teacher", "student", tokenizer, seed=1)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"query": p.question, "response": p.solution}) + "\n" for p in problems))
-    return {"root": root, "tokenizer": tokenizer, "teacher": teacher, "data": data}
-
-
-def config_for(tiny, **training):
+def config_for(tiny_lm, **training):
     return parse_config({
         "task": "lm",
-        "teachers": [{"path": str(tiny["teacher"])}],
-        "student": {"init_from": str(tiny["teacher"]), "layers": [0, 3]},
-        "data": {"train": str(tiny["data"]), "max_length": 64},
+        "teachers": [{"path": str(tiny_lm["teacher"])}],
+        "student": {"init_from": str(tiny_lm["teacher"]), "layers": [0, 3]},
+        "data": {"train": str(tiny_lm["data"]), "max_length": 64},
         "objective": {"name": "kl", "ce_weight": 0.5, "rlkd": {"k": 4}},
         "training": {"steps": 4, "batch_size": 8, "lr": 3e-3, "eval_every": 100, "checkpoint_every": 2, **training},
     })
@@ -45,8 +32,8 @@ def student_weights(run_dir):
     return load_file(run_dir / "student" / "model.safetensors")
 
 
-def test_instruction_targets_are_the_response_tokens_shifted_by_one(tiny):
-    tokenizer = tiny["tokenizer"]
+def test_instruction_targets_are_the_response_tokens_shifted_by_one(tiny_lm):
+    tokenizer = tiny_lm["tokenizer"]
     example = encode_record({"query": "how many", "response": "2 + 3 = 5\n#### 5"}, tokenizer, 64)
     prompt = tokenizer("how many\n", add_special_tokens=False).input_ids
     response = tokenizer("2 + 3 = 5\n#### 5", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -59,10 +46,10 @@ def test_instruction_targets_are_the_response_tokens_shifted_by_one(tiny):
     assert not batch["target_mask"][1, len(encode_record({"text": "a b"}, tokenizer, 64).ids) - 1 :].any()
 
 
-def test_cross_entropy_equals_a_hand_computed_sum(tiny, tmp_path):
+def test_cross_entropy_equals_a_hand_computed_sum(tiny_lm, tmp_path):
     from kdforge.tasks.lm import LMTask
 
-    config = config_for(tiny).model_copy(update={"teachers": []})
+    config = config_for(tiny_lm).model_copy(update={"teachers": []})
     config.objective = config.objective.model_copy(update={"name": "none", "ce_weight": 1.0, "rlkd": None})
     task = LMTask(config, tmp_path)
     batch = task.batch([0, 1, 2])
@@ -84,11 +71,11 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     assert batch_indices(3, 10, 4, seed=7) == batch_indices(3, 10, 4, seed=7) != batch_indices(3, 10, 4, seed=8)
 
 
-def test_gradient_accumulation_keeps_the_loss_scale(tiny, tmp_path):
+def test_gradient_accumulation_keeps_the_loss_scale(tiny_lm, tmp_path):
     from kdforge.tasks.lm import LMTask
     from kdforge.training.loop import accumulate_gradients, target_tokens
 
-    task = LMTask(config_for(tiny), tmp_path)
+    task = LMTask(config_for(tiny_lm), tmp_path)
     indices = list(range(8))  # sequences of different lengths: a mean of micro-batch means would be wrong
     gradients, logged = [], []
     for parts in (1, 4):
@@ -100,23 +87,23 @@ def test_gradient_accumulation_keeps_the_loss_scale(tiny, tmp_path):
         gradients.append(torch.cat([p.grad.flatten() for p in task.student.parameters()]))
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)
     assert logged[0]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-5)
-    one = train(config_for(tiny, grad_accum=1), tmp_path / "one", show_progress=False)
-    four = train(config_for(tiny, grad_accum=4), tmp_path / "four", show_progress=False)
+    one = train(config_for(tiny_lm, grad_accum=1), tmp_path / "one", show_progress=False)
+    four = train(config_for(tiny_lm, grad_accum=4), tmp_path / "four", show_progress=False)
     a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "four")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert one["final_loss"] == pytest.approx(four["final_loss"], rel=1e-4)
 
 
-def random_config(tiny):
+def random_config(tiny_lm):
     """Dropout in the adapters and two micro-batches a step: resuming must restore the RNG exactly."""
-    raw = config_for(tiny, grad_accum=2).model_dump(mode="json")
+    raw = config_for(tiny_lm, grad_accum=2).model_dump(mode="json")
     raw["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.3}
     return parse_config(raw)
 
 
 @pytest.mark.parametrize("make_config,crash_at_call", [(config_for, 4), (random_config, 7)])
-def test_resume_after_a_crash_is_bit_identical(tiny, tmp_path, monkeypatch, make_config, crash_at_call):
-    train(make_config(tiny), tmp_path / "straight", show_progress=False)
+def test_resume_after_a_crash_is_bit_identical(tiny_lm, tmp_path, monkeypatch, make_config, crash_at_call):
+    train(make_config(tiny_lm), tmp_path / "straight", show_progress=False)
     import kdforge.tasks.lm as lm
 
     original = lm.LMTask.loss
@@ -130,92 +117,72 @@ def test_resume_after_a_crash_is_bit_identical(tiny, tmp_path, monkeypatch, make
 
     monkeypatch.setattr(lm.LMTask, "loss", crash_in_step_four)
     with pytest.raises(RuntimeError, match="killed"):
-        train(make_config(tiny), tmp_path / "crashed", show_progress=False)
+        train(make_config(tiny_lm), tmp_path / "crashed", show_progress=False)
     monkeypatch.setattr(lm.LMTask, "loss", original)
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-0000002"]
     with pytest.raises(KdforgeError, match="pass --resume"):
-        train(make_config(tiny), tmp_path / "crashed", show_progress=False)
-    train(make_config(tiny), tmp_path / "crashed", resume=True, show_progress=False)
+        train(make_config(tiny_lm), tmp_path / "crashed", show_progress=False)
+    train(make_config(tiny_lm), tmp_path / "crashed", resume=True, show_progress=False)
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "crashed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "history.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
 
-def test_a_finished_run_is_never_overwritten(tiny, tmp_path):
-    train(config_for(tiny, steps=1), tmp_path / "run", show_progress=False)
+def test_a_finished_run_is_never_overwritten(tiny_lm, tmp_path):
+    train(config_for(tiny_lm, steps=1), tmp_path / "run", show_progress=False)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
     with pytest.raises(KdforgeError, match="already holds a finished run"):
-        train(config_for(tiny, steps=1), tmp_path / "run", show_progress=False)
+        train(config_for(tiny_lm, steps=1), tmp_path / "run", show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
 
 
-def test_non_finite_loss_stops_and_names_the_step(tiny, tmp_path, monkeypatch):
-    import kdforge.tasks.lm as lm
-
-    original = lm.LMTask.loss
-
-    def nan_at_step_three(self, batch):
-        loss, terms = original(self, batch)
-        nan_at_step_three.calls += 1
-        return (loss * float("nan") if nan_at_step_three.calls == 3 else loss), terms
-
-    nan_at_step_three.calls = 0
-    monkeypatch.setattr(lm.LMTask, "loss", nan_at_step_three)
+def test_non_finite_loss_stops_and_names_the_step(tiny_lm, tmp_path, spoil_lm_loss):
+    spoil_lm_loss(3, lambda loss: loss * float("nan"))
     with pytest.raises(KdforgeError, match=r"the loss became nan at step 3; stopped \(last good checkpoint: step-0000002\)"):
-        train(config_for(tiny), tmp_path / "run", show_progress=False)
+        train(config_for(tiny_lm), tmp_path / "run", show_progress=False)
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").exists()
 
 
-def test_non_finite_gradients_of_a_finite_loss_stop_before_the_weights_change(tiny, tmp_path, monkeypatch):
-    import kdforge.tasks.lm as lm
-
-    original = lm.LMTask.loss
-
-    def infinite_slope_at_step_three(self, batch):
-        loss, terms = original(self, batch)
-        infinite_slope_at_step_three.calls += 1
-        if infinite_slope_at_step_three.calls == 3:  # adds 0 to the loss, but its derivative is infinite
-            loss = loss + torch.sqrt(loss - loss.detach())
-        return loss, terms
-
-    infinite_slope_at_step_three.calls = 0
-    monkeypatch.setattr(lm.LMTask, "loss", infinite_slope_at_step_three)
+def test_non_finite_gradients_of_a_finite_loss_stop_before_the_weights_change(tiny_lm, tmp_path, spoil_lm_loss):
+    # adds 0 to the loss, but its derivative is infinite
+    spoil_lm_loss(3, lambda loss: loss + torch.sqrt(loss - loss.detach()))
     with pytest.raises(KdforgeError, match=r"the gradients became (nan|inf) at step 3; stopped "
                                            r"\(last good checkpoint: step-0000002\)"):
-        train(config_for(tiny), tmp_path / "run", show_progress=False)
+        train(config_for(tiny_lm), tmp_path / "run", show_progress=False)
     weights = load_file(tmp_path / "run" / "checkpoints" / "step-0000002" / "trainable.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
-def test_vocabulary_mismatch_names_both_sizes(tiny, tmp_path):
+def test_vocabulary_mismatch_names_both_sizes(tiny_lm, tmp_path):
     other = train_tokenizer(["completely different text here"] * 20, vocab_size=280)
     other_teacher = build_tiny_lm(tmp_path / "other", "student", other)
-    config = config_for(tiny)
+    config = config_for(tiny_lm)
     config.teachers = [config.teachers[0].model_copy(update={"path": other_teacher})]
     with pytest.raises(KdforgeError, match=r"student has \d+ logits, teacher .* has \d+"):
         train(config, tmp_path / "run", show_progress=False)
     assert not any((tmp_path / "run").iterdir())  # nothing left behind: the corrected run can use it
-    train(config_for(tiny, steps=1), tmp_path / "run", show_progress=False)
+    train(config_for(tiny_lm, steps=1), tmp_path / "run", show_progress=False)
 
 
-def test_student_keeps_the_chosen_teacher_layers(tiny, tmp_path):
-    init_student(tiny["teacher"], tmp_path / "student", layers=[0, 2, 3])
-    teacher, student = load_file(tiny["teacher"] / "model.safetensors"), load_file(tmp_path / "student" / "model.safetensors")
+def test_student_keeps_the_chosen_teacher_layers(tiny_lm, tmp_path):
+    init_student(tiny_lm["teacher"], tmp_path / "student", layers=[0, 2, 3])
+    teacher = load_file(tiny_lm["teacher"] / "model.safetensors")
+    student = load_file(tmp_path / "student" / "model.safetensors")
     for new, old in enumerate([0, 2, 3]):
         assert torch.equal(student[f"model.layers.{new}.mlp.up_proj.weight"], teacher[f"model.layers.{old}.mlp.up_proj.weight"])
     assert "model.layers.3.mlp.up_proj.weight" not in student
     assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
     assert maximally_spaced(30, 6) == [0, 6, 12, 17, 23, 29]
     with pytest.raises(KdforgeError, match="lacks layer 9"):
-        init_student(tiny["teacher"], tmp_path / "bad", layers=[0, 9])
+        init_student(tiny_lm["teacher"], tmp_path / "bad", layers=[0, 9])
 
 
-def test_lora_trains_only_adapters_and_exports_a_merged_model(tiny, tmp_path):
+def test_lora_trains_only_adapters_and_exports_a_merged_model(tiny_lm, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    raw = config_for(tiny, steps=2).model_dump(mode="json")
+    raw = config_for(tiny_lm, steps=2).model_dump(mode="json")
     raw["student"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     config = parse_config(raw)
     train(config, tmp_path / "run", show_progress=False)
@@ -241,12 +208,12 @@ def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
         read_jsonl(path)
 
 
-def test_evaluation_reports_perplexity_and_full_agreement_with_itself(tiny, tmp_path):
+def test_evaluation_reports_perplexity_and_full_agreement_with_itself(tiny_lm, tmp_path):
     from kdforge.tasks.lm import LMTask
 
-    raw = config_for(tiny).model_dump(mode="json")
-    raw["student"] = {"path": str(tiny["teacher"])}  # the student is the teacher: agreement must be total
-    raw["data"]["eval"] = str(tiny["data"])
+    raw = config_for(tiny_lm).model_dump(mode="json")
+    raw["student"] = {"path": str(tiny_lm["teacher"])}  # the student is the teacher: agreement must be total
+    raw["data"]["eval"] = str(tiny_lm["data"])
     raw["objective"] = {"name": "kl", "ce_weight": 1.0}
     task = LMTask(parse_config(raw), tmp_path)
     metrics = task.evaluate()
@@ -256,9 +223,9 @@ def test_evaluation_reports_perplexity_and_full_agreement_with_itself(tiny, tmp_
     assert metrics["ppl"] == pytest.approx(float(terms["ce"].detach().exp()), rel=1e-4)
 
 
-def test_the_best_evaluation_is_kept(tiny, tmp_path):
-    raw = config_for(tiny, steps=5, eval_every=1, checkpoint_every=2, keep_checkpoints=1).model_dump(mode="json")
-    raw["data"]["eval"] = str(tiny["data"])
+def test_the_best_evaluation_is_kept(tiny_lm, tmp_path):
+    raw = config_for(tiny_lm, steps=5, eval_every=1, checkpoint_every=2, keep_checkpoints=1).model_dump(mode="json")
+    raw["data"]["eval"] = str(tiny_lm["data"])
     train(parse_config(raw), tmp_path / "run", show_progress=False)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     best_step = min(history, key=lambda entry: entry["eval"]["ppl"])["step"]
@@ -268,11 +235,11 @@ def test_the_best_evaluation_is_kept(tiny, tmp_path):
     assert state["value"] == min(entry["eval"]["ppl"] for entry in history)
 
 
-def test_curves_reach_tensorboard_with_the_logged_values(tiny, tmp_path):
+def test_curves_reach_tensorboard_with_the_logged_values(tiny_lm, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    raw = config_for(tiny, steps=3, eval_every=2).model_dump(mode="json")
-    raw["data"]["eval"] = str(tiny["data"])
+    raw = config_for(tiny_lm, steps=3, eval_every=2).model_dump(mode="json")
+    raw["data"]["eval"] = str(tiny_lm["data"])
     train(parse_config(raw), tmp_path / "run", show_progress=False)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
@@ -281,36 +248,22 @@ def test_curves_reach_tensorboard_with_the_logged_values(tiny, tmp_path):
     assert [e.step for e in events.Scalars("eval/ppl")] == [2, 3]
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
-    from safetensors import SafetensorError
-
-    import kdforge.training.checkpoint as checkpoint
-
-    real_save = checkpoint.save_file
-    writes = {"n": 0}
-
-    def disk_fills_at_the_second_checkpoint(tensors, path):
-        writes["n"] += 1
-        if writes["n"] > 3:  # the first checkpoint writes 3 files
-            # what safetensors 0.8 raises on a full disk (measured on a 200 KB tmpfs), not an OSError
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        real_save(tensors, path)
-
-    monkeypatch.setattr(checkpoint, "save_file", disk_fills_at_the_second_checkpoint)
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_lm, tmp_path, fill_disk_after):
+    fill_disk_after(3)  # the first checkpoint writes 3 files
     with pytest.raises(KdforgeError, match=r"could not write checkpoint step-0000004 \(No space left on device\)"):
-        train(config_for(tiny, steps=6), tmp_path / "run", show_progress=False)
+        train(config_for(tiny_lm, steps=6), tmp_path / "run", show_progress=False)
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-0000002"]  # complete, and no half-written folder beside it
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").exists()
 
 
-def test_generation_is_greedy_or_seeded_sampling_whatever_the_batch(tiny):
+def test_generation_is_greedy_or_seeded_sampling_whatever_the_batch(tiny_lm):
     from transformers import AutoModelForCausalLM
 
     from kdforge.tasks.lm import Sampling, generate_answers
 
-    model = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
-    tokenizer = tiny["tokenizer"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm["teacher"])
+    tokenizer = tiny_lm["tokenizer"]
     queries = [p.question for p in arithmetic.generate(6, seed=9)]
     greedy = generate_answers(model, tokenizer, queries, max_new_tokens=12, batch_size=4)
     assert greedy == [generate_answers(model, tokenizer, [q], max_new_tokens=12)[0] for q in queries]  # padding-proof

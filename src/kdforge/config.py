@@ -261,16 +261,24 @@ def describe_error(error: ValidationError) -> str:
 
 
 def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``key.path=value`` override (value parsed as YAML) to the raw config dict."""
+    """Apply one ``key.path=value`` override (value parsed as YAML) to the raw config dict; a number
+    in the path picks a list item (``teachers.0.weight=2``)."""
     key, separator, value = assignment.partition("=")
     if not separator or not key:
         raise KdforgeError(f"--set expects key=value, got {assignment!r}")
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):  # a list item by its index: teachers.0.layers
+            if not part.isdigit() or int(part) >= len(node):
+                raise KdforgeError(f"--set {key}: the list has items 0..{len(node) - 1}, not '{part}'")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
             raise KdforgeError(f"--set {key}: '{part}' is not a section")
+    if isinstance(node, list):
+        raise KdforgeError(f"--set {key}: set a whole list ({'.'.join(parents)}=[...]) or a key of one item")
     try:
         node[leaf] = yaml.safe_load(value)
     except yaml.YAMLError as error:

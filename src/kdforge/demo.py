@@ -41,6 +41,10 @@ TEACHER_CONFIGS = {"whisper-base": "whisper-base-lora.yaml", "whisper-tiny.en": 
 WHISPER_MODELS = ("whisper-base", "whisper-tiny.en")
 
 
+#: Plan fields that concern only the students: demos that differ in them share one workspace.
+STUDENT_SETTINGS = ("methods", "student_steps", "seeds")
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     """Sizes and budgets of one demo; the defaults fit 20 minutes on 2 CPU cores from a cold start."""
@@ -55,6 +59,8 @@ class DemoPlan:
                                                                    "ctc": 300})
     student_steps: int = 60
     methods: tuple[str, ...] = ("lora_ce", "lora_logit_kd", "lora_lppm", "lora_lppm_rlkd")
+    #: training seeds per student method (each row reports the mean and spread over them)
+    seeds: int = 1
     ctc_size: str = "small"
     #: ``--set`` overrides for every teacher config / every student config (tests shrink models with them)
     teacher_overrides: tuple[str, ...] = ()
@@ -63,7 +69,7 @@ class DemoPlan:
     def key(self, configs: Path) -> str:
         """Names the shared workspace: what the data, teachers and cache depend on, hashed (the plan
         without the student methods and steps, and the teacher configs' text)."""
-        shared = {name: value for name, value in asdict(self).items() if name not in ("methods", "student_steps")}
+        shared = {name: value for name, value in asdict(self).items() if name not in STUDENT_SETTINGS}
         texts = [(configs / "teachers" / TEACHER_CONFIGS[name]).read_text() for name in sorted(TEACHER_CONFIGS)]
         payload = json.dumps({"plan": shared, "teacher_configs": texts}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -207,8 +213,9 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None, configs: str | Path 
     if not (workspace / "cache" / "manifest.json").exists():
         build_cache_from_config(ours, workspace / "cache")
 
-    stages.start("distil_students", f"distilling {len(plan.methods)} students, {plan.student_steps} steps each")
-    report = asr.run(out, configs / "asr", plan.methods, 1, test_dir, out / "teachers" / "teachers.json",
+    stages.start("distil_students", f"distilling {len(plan.methods)} students x {plan.seeds} seeds, "
+                                    f"{plan.student_steps} steps each")
+    report = asr.run(out, configs / "asr", plan.methods, plan.seeds, test_dir, out / "teachers" / "teachers.json",
                      tuple(overrides), command=f"kdforge demo --out {out}",
                      distil_overrides=tuple(teachers_and_cache), report_name="results")
 

@@ -11,10 +11,20 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for results and the student (new or empty)."),
     configs: Path = typer.Option(Path("configs"), help="The repository's configs folder (teachers/ and asr/)."),
     home: Path = typer.Option(None, "--home", help="Where shared teachers and caches live (default: $KDFORGE_HOME)."),
+    method: list[str] = typer.Option([], "--method", help="Student methods to distil (repeatable; default: "
+                                     "lora_ce, lora_logit_kd, lora_lppm, lora_lppm_rlkd)."),
+    seeds: int = typer.Option(1, min=1, help="Training seeds per student method."),
+    student_steps: int = typer.Option(None, min=1, help="Steps per student (default: 60)."),
 ) -> None:
-    """Run the main job end to end: prepare models, synthesise speech, adapt teachers, cache, distil, score."""
-    from kdforge.benchmarks.asr import to_markdown
-    from kdforge.demo import run_demo
+    """Run the main job end to end: prepare models, synthesise speech, adapt teachers, cache, distil, score.
 
-    report = run_demo(out, configs=configs, home=home)
+    Other methods, seeds or student budgets reuse the same teachers and cache (in $KDFORGE_HOME)."""
+    from dataclasses import replace
+
+    from kdforge.benchmarks.asr import to_markdown
+    from kdforge.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(seeds=seeds)
+    plan = replace(plan, methods=tuple(method) or plan.methods, student_steps=student_steps or plan.student_steps)
+    report = run_demo(out, plan=plan, configs=configs, home=home)
     typer.echo(to_markdown(report))

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from kdforge.errors import KdforgeError
@@ -102,8 +103,9 @@ def model_type_of(model_dir: str | Path) -> str:
     after checking the folder is one kdforge loads (every model loader calls this first).
 
     Raises:
-        KdforgeError: no ``config.json``, one that is not JSON, no safetensors weights, or a model
-            that needs its own code (``auto_map``).
+        KdforgeError: no ``config.json``, one that is not a JSON object naming the model type, no
+            safetensors weights or one whose header cannot be read (a cut-off download or copy), or
+            a model that needs its own code (``auto_map``).
     """
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
@@ -113,12 +115,21 @@ def model_type_of(model_dir: str | Path) -> str:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise KdforgeError(f"cannot read {config_path}: {error}") from None
-    if not any(model_dir.glob("*.safetensors")):
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise KdforgeError(f"{config_path} names no model_type: it is not the config of a Hugging Face model")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
         raise KdforgeError(f"{model_dir} holds no *.safetensors weights; kdforge never loads pickled (.bin) weights")
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt"):  # parses only the header, which must cover the file to its end
+                pass
+        except SafetensorError as error:
+            raise KdforgeError(f"cannot read {path}: {error}") from None
     if "auto_map" in config:
         raise KdforgeError(f"{model_dir} needs code shipped with the model (auto_map in config.json); kdforge never "
                            "runs it")
-    return config.get("model_type", "")
+    return config["model_type"]
 
 
 def decoder_prompt_length(tokenizer) -> int:

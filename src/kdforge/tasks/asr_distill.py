@@ -63,6 +63,10 @@ def layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
     alignment = config.alignment
     student_layers = (alignment.student_layers if alignment and alignment.student_layers
                       else list(range(1, student_depth)))
+    outside = [layer for layer in student_layers if not 0 <= layer < student_depth]
+    if outside:  # checked here: teachers with explicit layers never reach uniform_layer_map's check
+        raise KdforgeError(f"alignment.student_layers names layer {outside[0]}, but the student has encoder "
+                           f"hidden states 0..{student_depth - 1}")
     plan = {}
     for teacher in config.teachers:
         depth = encoder_shape(teacher.path)[0]

@@ -19,11 +19,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from Python 3.12
 
+from kdforge.data.audio import read_metadata
 from kdforge.errors import KdforgeError
 from kdforge.files import sha256_file, write_json_atomic
 
@@ -38,8 +42,13 @@ def settings_hash(settings: dict) -> str:
 
 
 def data_fingerprint(data_dir: str | Path) -> str:
-    """sha256 over an audiofolder's ``metadata.csv`` and the name and size of every file it lists."""
+    """sha256 over an audiofolder's ``metadata.csv`` and the name and size of every file it lists.
+
+    Raises:
+        KdforgeError: ``data_dir`` is not an audiofolder.
+    """
     data_dir = Path(data_dir)
+    read_metadata(data_dir)  # only checked: a missing folder is named as every reader of audio names it
     digest = hashlib.sha256((data_dir / "metadata.csv").read_bytes())
     for path in sorted(data_dir.iterdir()):
         if path.is_file() and path.name != "metadata.csv":
@@ -101,14 +110,52 @@ def write_manifest(root: Path, data: str, teachers: dict[str, tuple[dict, dict, 
     write_json_atomic(root / MANIFEST, {"version": 1, "data": data, "teachers": entries})
 
 
-def read_manifest(root: str | Path) -> dict:
+class ShardEntry(TypedDict):
+    """One shard: its file (relative to the cache folder), checksum and utterance ids."""
+
+    file: str
+    sha256: str
+    utterances: list[str]
+
+
+class TeacherEntry(TypedDict):
+    """A teacher's (or the ensemble's) part of the manifest."""
+
+    model: dict[str, Any]  # a teacher's model_identity, or the ensemble's {"members": [names]}
+    settings: dict[str, Any]
+    settings_hash: str
+    shards: list[ShardEntry]
+
+
+class Manifest(TypedDict):
+    """What ``manifest.json`` holds; :func:`read_manifest` checks a file against it."""
+
+    version: int
+    data: str
+    teachers: dict[str, TeacherEntry]
+
+
+_MANIFEST_SCHEMA = TypeAdapter(Manifest)
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """The manifest of the cache in ``root``, checked to have every field readers use.
+
+    Raises:
+        KdforgeError: no manifest, or one that is not JSON or lacks a field (named).
+    """
     path = Path(root) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        return _MANIFEST_SCHEMA.validate_json(path.read_bytes())
     except FileNotFoundError:
         raise KdforgeError(f"{root} is not a teacher cache (no {MANIFEST})") from None
-    except json.JSONDecodeError:
-        raise KdforgeError(f"{path} is damaged: rebuild the cache") from None
+    except OSError as error:
+        raise KdforgeError(f"cannot read {path}: {error.strerror}") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise KdforgeError(f"{path} is damaged ({where + ': ' if where else ''}{first['msg']}); "
+                           "rebuild the cache") from None
 
 
 def verify_cache(root: str | Path) -> int:
@@ -159,7 +206,7 @@ class TeacherCache:
                 raise KdforgeError(f"the teacher cache {root} has no teacher {name!r}")
             if entry["model"].get("weights_sha256") != model_identity(model_dir)["weights_sha256"]:
                 raise KdforgeError(f"the teacher cache {root} holds another model for {name!r} "
-                                   f"(cached {entry['model']['path']}, now {model_dir}); rebuild it")
+                                   f"(cached {entry['model'].get('path', '?')}, now {model_dir}); rebuild it")
             cached = entry["settings"]
             changed = sorted(k for k in {*settings, *cached} - {"layers"} if settings.get(k) != cached.get(k))
             absent = sorted(set(settings.get("layers") or []) - set(cached.get("layers") or []))

@@ -185,10 +185,30 @@ def save_best(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], metr
     return final
 
 
+def _damaged(path: Path, what: str) -> KdforgeError:
+    return KdforgeError(f"checkpoint {path} is damaged ({what}); delete it to resume from the one before")
+
+
+def _read_state(path: Path, keys: tuple[str, ...]) -> dict:
+    """A checkpoint's ``state.json``, checked to hold ``keys``.
+
+    Raises:
+        KdforgeError: the file is missing, not JSON, or lacks a key.
+    """
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise _damaged(path, f"state.json: {error}") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise _damaged(path, f"state.json lacks {missing[0]!r}")
+    return state
+
+
 def best_value(out_dir: Path) -> float | None:
     """The metric value of the kept best checkpoint, if any."""
     kept = sorted((out_dir / CHECKPOINTS).glob("best-step-*"))
-    return json.loads((kept[-1] / "state.json").read_text())["value"] if kept else None
+    return _read_state(kept[-1], ("value",))["value"] if kept else None
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -199,13 +219,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, world: World = World()) -> int:
     """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; return the step it was taken after."""
+    state = _read_state(path, ("step", "optimizer", "scheduler"))
     try:
-        state = json.loads((path / "state.json").read_text())
         trainable = load_file(path / "trainable.safetensors")
         optimizer_tensors = load_file(path / "optimizer.safetensors")
         rng = load_file(path / "rng.safetensors")
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise KdforgeError(f"checkpoint {path} is damaged ({error}); delete it to resume from the one before") from None
+    except (OSError, ValueError, SafetensorError) as error:
+        raise _damaged(path, str(error)) from None
     missing = set(trainable) - {name for name, _ in model.named_parameters()}
     if missing:
         raise KdforgeError(f"checkpoint {path} does not fit this model (e.g. {sorted(missing)[0]})")

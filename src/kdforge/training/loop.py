@@ -112,6 +112,26 @@ def build_task(config: RunConfig, out_dir: Path):
     return LMTask(config, out_dir)
 
 
+def read_history(path: Path) -> list[dict]:
+    """The entries of ``history.jsonl`` (none if it does not exist yet).
+
+    A run killed while appending leaves a cut-off last line: it is dropped, as the step it logged
+    is redone anyway.
+
+    Raises:
+        KdforgeError: a damaged line before the last one.
+    """
+    lines = path.read_text().splitlines() if path.exists() else []
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise KdforgeError(f"{path} is damaged at line {number}; this run cannot be resumed") from None
+    return entries
+
+
 def sum_terms(world: World, terms: dict[str, float]) -> dict[str, float]:
     """Each logged term summed over the processes (every process logs the same names)."""
     names = sorted(terms)
@@ -158,8 +178,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, model, optimizer, scheduler, world)
     history_path = out_dir / "history.jsonl"
-    history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
-    history = [entry for entry in history if entry["step"] <= start]  # drop what the crash outran
+    history = [entry for entry in read_history(history_path) if entry["step"] <= start]  # drop what the crash outran
     if world.is_main:
         write_text_atomic(history_path, "".join(json.dumps(e) + "\n" for e in history))
 
@@ -198,14 +217,14 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
                     best = value
                     save_best(out_dir, done, trainable, metric, value)
             history.append(entry)
+            if world.is_main:  # logged before the checkpoint, so a resumed run's history misses no step
+                with history_path.open("a") as log:
+                    log.write(json.dumps(entry) + "\n")
+                tensorboard.log(entry)
             if done % settings.checkpoint_every == 0 and done != settings.steps:
                 rng = rng_states(world)  # every process takes part: each one's generator is saved
                 if world.is_main:
                     save_checkpoint(out_dir, done, trainable, optimizer, scheduler, settings.keep_checkpoints, rng)
-            if world.is_main:
-                with history_path.open("a") as log:
-                    log.write(json.dumps(entry) + "\n")
-                tensorboard.log(entry)
             # the other processes need not wait for the main one's evaluation or checkpoint here:
             # the next step's first sum does
             progress.update(bar, advance=1, status=f"loss {step_terms['loss']:.4f}")

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kdforge.benchmarks.machine import describe_machine, machine_line
+from kdforge.benchmarks.steps import StepTimer, median_step_seconds
 from kdforge.config import parse_config
 from kdforge.data.lm import builtin_records
 from kdforge.evaluation.lm import CR_KS, MOR_KS, agreement_metrics, exact_match_accuracy
@@ -177,24 +177,14 @@ def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path
 
 
 def step_overhead(home: Path, teachers: dict[str, Path], repeats: int = 20) -> dict:
-    """Median milliseconds of one distillation step (forward, backward, AdamW) with and without RLKD."""
+    """Median milliseconds of one distillation step (batch, forward, backward, AdamW) with and without RLKD."""
     from kdforge.tasks.lm import LMTask
-    from kdforge.training.loop import accumulate_gradients
 
-    timings = {}
+    timers = {}
     for key, spec in (("step_ms_base", {"name": "kl"}), ("step_ms_rlkd", {"name": "kl", "rlkd": {"k": PRETRAIN_K}})):
         raw = _run_config(teachers["web"], _student_init(home, teachers["tokenizer"], 0), "builtin:web-text", 1, spec, 0, 128)
-        task = LMTask(parse_config(raw), home / "tiny-lm")
-        optimizer = torch.optim.AdamW(task.student.parameters(), lr=1e-4)
-        batch = task.batch(list(range(8)))
-        seconds = []
-        for _ in range(repeats + 2):
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            accumulate_gradients(task, [batch], home, 0)
-            optimizer.step()
-            seconds.append(time.perf_counter() - start)
-        timings[key] = 1000 * statistics.median(seconds[2:])
+        timers[key] = StepTimer(LMTask(parse_config(raw), home / "tiny-lm"), list(range(8)), home / "tiny-lm")
+    timings = {key: 1000 * seconds for key, seconds in median_step_seconds(timers, repeats, warmup=2).items()}
     timings["rlkd_overhead_pct"] = 100 * (timings["step_ms_rlkd"] / timings["step_ms_base"] - 1)
     return timings
 

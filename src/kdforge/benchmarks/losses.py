@@ -37,6 +37,13 @@ def _resident_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_resident_mb() -> float:
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss``: Linux carries that across
+    fork and exec, so a child of a large process (``kdforge bench perf``) would report its parent's size."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
 def measure_case(objective: str, positions: int, vocab: int, chunked: bool, repeats: int) -> dict:
     """Forward + backward of one objective on random logits: median seconds, or added peak MB if repeats == 0."""
     generator = torch.Generator().manual_seed(0)
@@ -57,7 +64,7 @@ def measure_case(objective: str, positions: int, vocab: int, chunked: bool, repe
         step().backward()
         seconds.append(time.perf_counter() - start)
     if repeats == 0:
-        return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before}
+        return {"peak_mb": _peak_resident_mb() - before}
     return {"seconds": statistics.median(seconds[1:])}
 
 

@@ -87,3 +87,20 @@ def bench_asr(
                         *[f"--set {o}" for o in overrides]] + ([f"--teachers {teachers}"] if teachers else []))
     report = asr.run(out, configs, methods, seeds, Path(test), teachers, tuple(overrides), command)
     typer.echo(asr.to_markdown(report))
+
+
+@app.command("perf")
+def bench_perf(
+    out: Path = typer.Option(..., "--out", help="Folder for perf.json and perf.md."),
+    quick: bool = typer.Option(False, help="Built-in tiny models, fewer repeats: a smoke run (< 3 min), not a measurement."),
+    configs: Path = typer.Option(Path("configs"), help="The repository's configs folder (asr/, tiny-asr.yaml, tiny-lm.yaml)."),
+    student: Path = typer.Option(None, help="A trained student folder to decode for the throughput ratio "
+                                 "(default: the recipe's student, untrained)."),
+) -> None:
+    """Step, cache, data-parallel, memory and decoding costs as ratios measured in one run (about 15 min)."""
+    from kdforge.benchmarks import perf
+
+    command = " ".join(["kdforge bench perf", f"--out {out}"] + (["--quick"] if quick else [])
+                       + ([f"--student {student}"] if student else []))
+    report = perf.run(out, quick=quick, command=command, configs=configs, student=student)
+    typer.echo(perf.to_markdown(report))

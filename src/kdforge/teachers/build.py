@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -113,16 +114,11 @@ def transcribe_teacher(name: str, model_dir: str, data_dir: str, batch_size: int
     return texts, time.perf_counter() - started
 
 
-def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int, batch_size: int,
-                  threads: int, audio_ctx: int | None, targets: list[str], transcripts: list[str]) -> tuple[list[dict], float]:
-    """Second pass: store one teacher's signals in ``root/<name>``; returns its shards and seconds.
-
-    ``targets`` and ``transcripts`` (its own first-pass output) are per utterance, in data order.
-    """
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    records, audio = read_training_audio(data_dir)
-    shards = TeacherShards(Path(root), name)
+def teacher_signals(model_dir: str | Path, layers: list[int], k: int,
+                    audio_ctx: int | None) -> Callable[[list[np.ndarray], list[str]], list[dict]]:
+    """The teacher in ``model_dir``, loaded, as a function of a batch's audio and training targets
+    to each utterance's signals (:func:`whisper_signals` or :func:`ctc_signals`; a CTC teacher
+    ignores the targets)."""
     if model_type_of(model_dir) == "wav2vec2-bert":
         from transformers import Wav2Vec2BertForCTC, WhisperFeatureExtractor
 
@@ -138,6 +134,20 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
 
         def signals(batch_audio, texts):
             return whisper_signals(model, processor, batch_audio, texts, layers, k)
+    return signals
+
+
+def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int, batch_size: int,
+                  threads: int, audio_ctx: int | None, targets: list[str], transcripts: list[str]) -> tuple[list[dict], float]:
+    """Second pass: store one teacher's signals in ``root/<name>``; returns its shards and seconds.
+
+    ``targets`` and ``transcripts`` (its own first-pass output) are per utterance, in data order.
+    """
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    records, audio = read_training_audio(data_dir)
+    shards = TeacherShards(Path(root), name)
+    signals = teacher_signals(model_dir, layers, k, audio_ctx)
     for start in batch_starts(len(records), batch_size, f"{name}: hidden states and top-k"):
         batch = slice(start, start + batch_size)
         for record, tensors, transcript in zip(records[batch], signals(audio[batch], targets[batch]), transcripts[batch]):

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 import typer
 from typer.testing import CliRunner
 
@@ -118,7 +119,7 @@ def test_cli_prints_a_table_then_the_json_line(tiny_whisper, speech, tmp_path):
 def test_eval_refuses_other_models_and_an_existing_out_file(tiny_whisper, speech, tmp_path):
     (tmp_path / "llm").mkdir()
     (tmp_path / "llm" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (tmp_path / "llm" / "model.safetensors").write_bytes(b"")  # the weights are never read: the type is refused first
+    save_file({}, tmp_path / "llm" / "model.safetensors")  # a valid header; the type is refused before any weight is read
     with pytest.raises(KdforgeError, match="'llama' model"):
         evaluate(tmp_path / "llm", speech)
     (tmp_path / "kept.jsonl").write_text("{}\n")

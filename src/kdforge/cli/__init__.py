@@ -9,11 +9,25 @@ from __future__ import annotations
 import os
 import sys
 
-# Before transformers is imported: its per-load progress bars and advisory warnings (Whisper's
-# fixed-length windows need no attention mask) would bury kdforge's own output. A user's own
-# setting of either variable wins.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+def quiet_transformers() -> None:
+    """Keep transformers' per-load progress bars and advisory warnings (Whisper's fixed-length windows
+    need no attention mask) from burying kdforge's output; a user's own setting of either variable wins.
+
+    The variables act when transformers is first imported; where it already was (a notebook, a test
+    session calling :func:`main`), their values are applied to it directly.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity(logging.log_levels.get(os.environ["TRANSFORMERS_VERBOSITY"], logging.WARNING))
+        if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            logging.disable_progress_bar()
+
+
+quiet_transformers()  # before the commands below import transformers
 
 import typer
 
@@ -40,6 +54,7 @@ app.add_typer(train_cli.student_app, name="student")
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``kdforge`` console script."""
+    quiet_transformers()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:

@@ -146,7 +146,10 @@ def needs_remote_code(model: Path) -> None:
     (lambda model: (model / "model.safetensors").rename(model / "pytorch_model.bin"),
      "{model} holds no *.safetensors weights; kdforge never loads pickled (.bin) weights"),
     (needs_remote_code, "{model} needs code shipped with the model (auto_map in config.json); kdforge never runs it"),
-], ids=["missing", "config-not-json", "config-not-an-object", "cut-off-weights", "pickled-weights", "remote-code"])
+    (lambda model: [(model / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+     "cannot load the AutoTokenizer of {model}: Couldn't instantiate the backend tokenizer from one of:"),
+], ids=["missing", "config-not-json", "config-not-an-object", "cut-off-weights", "pickled-weights", "remote-code",
+        "no-tokenizer"])
 def test_a_teacher_folder_kdforge_cannot_load_is_named(earlier, kdforge_fails, tiny_lm, tmp_path, damage, message):
     """``damage`` spoils a copy of the good teacher (None: there is no folder at all)."""
     model = tmp_path / "teacher"

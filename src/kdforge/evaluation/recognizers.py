@@ -17,8 +17,8 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import (SAFE_LOADING, decoder_prompt_length, encoder_window, load_whisper, model_type_of,
-                                    uses_dynamic_window, window_positions)
+from kdforge.models.loading import (SAFE_LOADING, decoder_prompt_length, encoder_window, load_preprocessor, load_whisper,
+                                    model_type_of, uses_dynamic_window, window_positions)
 
 # Token budget of one utterance: 8 tokens per second of its audio (as much as the window holds) plus
 # 8. English speech runs at about 3 words/s and Whisper's BPE uses about 1.3 tokens a word, so the
@@ -130,8 +130,8 @@ def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None) -> Reco
         from transformers import Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer, WhisperFeatureExtractor
 
         model = Wav2Vec2BertForCTC.from_pretrained(model_dir, **SAFE_LOADING).eval()
-        return CTCRecognizer(model, Wav2Vec2CTCTokenizer.from_pretrained(model_dir),
-                             WhisperFeatureExtractor.from_pretrained(model_dir))
+        return CTCRecognizer(model, load_preprocessor(Wav2Vec2CTCTokenizer, model_dir),
+                             load_preprocessor(WhisperFeatureExtractor, model_dir))
     if model_type != "whisper":
         raise KdforgeError(f"{model_dir} holds a {model_type!r} model; `kdforge eval` decodes Whisper and "
                            "kdforge's CTC models")

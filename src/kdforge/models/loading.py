@@ -86,11 +86,25 @@ def load_whisper(model_dir: str | Path, audio_ctx: int | None = None,
     model_dir = Path(model_dir)
     model_type_of(model_dir)
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, **SAFE_LOADING)
-    processor = WhisperProcessor.from_pretrained(model_dir)
+    processor = load_preprocessor(WhisperProcessor, model_dir)
     # A model saved with a shorter window carries it in its config; the extractor is made to match.
     apply_audio_ctx(model, processor, audio_ctx or model.config.max_source_positions)
     model.eval()
     return model, processor
+
+
+def load_preprocessor(loader, model_dir: str | Path):
+    """``loader.from_pretrained(model_dir)`` for a tokenizer, processor or feature extractor.
+
+    Raises:
+        KdforgeError: the folder lacks (or holds damaged) files of it; transformers' own error,
+            several lines of advice about the Hub, is cut to its first line.
+    """
+    try:
+        return loader.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise KdforgeError(f"cannot load the {loader.__name__} of {model_dir}: {reason}") from None
 
 
 #: How kdforge loads every model folder: weights from safetensors only (a ``.bin`` file is a

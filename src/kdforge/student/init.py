@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kdforge.errors import KdforgeError
 from kdforge.files import check_new_folder
-from kdforge.models.loading import SAFE_LOADING
+from kdforge.models.loading import SAFE_LOADING, load_preprocessor
 
 
 def maximally_spaced(total: int, keep: int) -> list[int]:
@@ -83,7 +83,7 @@ def _init_whisper_student(teacher_dir: Path, out_dir: Path, layers: list[int] | 
     student.load_state_dict(keep_layers(teacher.state_dict(), "model.decoder.layers.", layers), strict=True)
     student.generation_config = teacher.generation_config
     student.save_pretrained(out_dir)
-    WhisperProcessor.from_pretrained(teacher_dir).save_pretrained(out_dir)
+    load_preprocessor(WhisperProcessor, teacher_dir).save_pretrained(out_dir)
     return out_dir
 
 
@@ -100,7 +100,7 @@ def _init_causal_lm_student(teacher_dir: Path, out_dir: Path, layers: list[int] 
     state = keep_layers(teacher.state_dict(), "model.layers.", layers)
     student.load_state_dict(state, strict=True)
     student.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out_dir)
+    load_preprocessor(AutoTokenizer, teacher_dir).save_pretrained(out_dir)
     if teacher.generation_config is not None:
         teacher.generation_config.save_pretrained(out_dir)
     return out_dir

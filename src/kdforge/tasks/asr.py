@@ -22,8 +22,8 @@ from torch import Tensor
 from kdforge.data.audio import labelled_ids, load_audio, read_metadata
 from kdforge.data.augment import spec_augment
 from kdforge.errors import KdforgeError
-from kdforge.models.loading import (SAFE_LOADING, decoder_prompt_length, encoder_window, load_whisper, model_type_of,
-                                    window_positions)
+from kdforge.models.loading import (SAFE_LOADING, decoder_prompt_length, encoder_window, load_preprocessor, load_whisper,
+                                    model_type_of, window_positions)
 
 
 def read_training_audio(data_dir: str, labelled: int | None = None) -> tuple[list, list]:
@@ -171,8 +171,8 @@ class CTCTask:
         model_type_of(config.student.path)
         self.student = Wav2Vec2BertForCTC.from_pretrained(config.student.path, **SAFE_LOADING)
         self.student.train()
-        self.tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(config.student.path)
-        self.extractor = WhisperFeatureExtractor.from_pretrained(config.student.path)
+        self.tokenizer = load_preprocessor(Wav2Vec2CTCTokenizer, config.student.path)
+        self.extractor = load_preprocessor(WhisperFeatureExtractor, config.student.path)
         self.frame_stack = frame_stack_of(self.student)
         records, self.audio = read_training_audio(config.data.train, config.data.labelled)
         for record in records:

@@ -63,12 +63,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
 
 def load_causal_lm(model_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local directory (never remote code)."""
-    from kdforge.models.loading import SAFE_LOADING, model_type_of
+    from kdforge.models.loading import SAFE_LOADING, load_preprocessor, model_type_of
 
     model_dir = Path(model_dir)
     model_type_of(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **SAFE_LOADING)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_preprocessor(AutoTokenizer, model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -11,18 +11,10 @@ from kdforge.errors import KdforgeError
 @pytest.fixture(scope="module")
 def wide_whisper(tiny_whisper, tmp_path_factory):
     """A second Whisper teacher with the same tokenizer, twice as wide and twice as deep."""
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from kdforge.models.tiny import build_tiny_whisper
 
-    out = tmp_path_factory.mktemp("wide_whisper")
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
-    config = model.config
-    config.d_model, config.encoder_layers, config.encoder_ffn_dim, config.decoder_ffn_dim = 16, 2, 32, 32
-    torch.manual_seed(1)
-    wide = WhisperForConditionalGeneration(config)
-    wide.generation_config = model.generation_config
-    wide.save_pretrained(out)
-    WhisperProcessor.from_pretrained(tiny_whisper).save_pretrained(out)
-    return out
+    return build_tiny_whisper(tmp_path_factory.mktemp("wide_whisper"), d_model=16, encoder_layers=2, ffn_dim=32,
+                              window_seconds=2, seed=1)  # tiny_whisper's window
 
 
 @pytest.fixture(scope="module")

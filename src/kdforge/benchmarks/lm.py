@@ -29,7 +29,7 @@ from kdforge.config import parse_config
 from kdforge.data.lm import builtin_records
 from kdforge.evaluation.lm import CR_KS, MOR_KS, agreement_metrics, exact_match_accuracy
 from kdforge.home import kdforge_home
-from kdforge.models.tiny import build_tiny_lm, train_tokenizer
+from kdforge.models.tiny import build_tiny_lm
 from kdforge.data.arithmetic import extract_answer
 from kdforge.tasks.lm import encode_record, load_causal_lm, next_token_logits
 from kdforge.training.loop import train
@@ -78,21 +78,14 @@ def _train_once(out_dir: Path, raw_config: dict) -> Path:
 
 
 def tiny_teachers(home: Path, plan: Plan) -> dict[str, Path]:
-    """The tokenizer and the two trained teachers, built once per step budget under ``home/tiny-lm``."""
-    root = home / "tiny-lm"
-    tokenizer_dir = root / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        texts = [r["text"] for r in builtin_records("web-text")]
-        texts += [r["query"] + "\n" + r["response"] for r in builtin_records("arithmetic")[:5000]]
-        train_tokenizer(texts, vocab_size=2048).save_pretrained(tokenizer_dir)
-    from transformers import AutoTokenizer
+    """The built-in tokenizer and the two teachers trained from the built-in tiny teacher, once per step
+    budget under ``home/tiny-lm``."""
+    from kdforge.models.builtin import builtin_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    teachers = {"tokenizer": tokenizer_dir}
+    root = home / "tiny-lm"
+    teachers = {"tokenizer": builtin_folder("tiny-lm-tokenizer", home)}
+    initial = builtin_folder("tiny-lm-teacher", home)  # the tiny teacher, random, on that tokenizer
     for name, data, max_length in (("web", "builtin:web-text", 128), ("arithmetic", "builtin:arithmetic", 96)):
-        initial = root / f"teacher-{name}-init"
-        if not (initial / "config.json").exists():
-            build_tiny_lm(initial, "teacher", tokenizer, seed=0)
         raw = _run_config(None, initial, data, plan.teacher_steps, {"name": "none", "ce_weight": 1.0}, 0, max_length)
         raw["training"] |= {"batch_size": 16, "lr": 3e-3, "warmup_steps": 50}
         teachers[name] = _train_once(root / f"teacher-{name}-{plan.teacher_steps}", raw)

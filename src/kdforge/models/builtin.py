@@ -16,9 +16,11 @@ from kdforge.errors import KdforgeError
 from kdforge.home import built_once
 
 PREFIX = "builtin:"
+#: Makes a built-in into ``out``; ``home`` is where the built-ins it starts from live.
+Builder = Callable[[Path, "Path | None"], None]
 
 
-def _tiny_lm_tokenizer(out: Path) -> None:
+def _tiny_lm_tokenizer(out: Path, home: Path | None) -> None:
     from kdforge.data.lm import builtin_records
     from kdforge.models.tiny import train_tokenizer
 
@@ -27,38 +29,39 @@ def _tiny_lm_tokenizer(out: Path) -> None:
     train_tokenizer(texts, vocab_size=2048).save_pretrained(out)
 
 
-def _tiny_lm(size: str, seed: int) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
+def _tiny_lm(size: str, seed: int) -> Builder:
+    def build(out: Path, home: Path | None) -> None:
         from transformers import AutoTokenizer
 
         from kdforge.models.tiny import build_tiny_lm
 
-        build_tiny_lm(out, size, AutoTokenizer.from_pretrained(builtin_folder("tiny-lm-tokenizer")), seed=seed)
+        tokenizer = AutoTokenizer.from_pretrained(builtin_folder("tiny-lm-tokenizer", home))
+        build_tiny_lm(out, size, tokenizer, seed=seed)
     return build
 
 
-def _tiny_whisper(**shape) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
+def _tiny_whisper(**shape) -> Builder:
+    def build(out: Path, home: Path | None) -> None:
         from kdforge.models.tiny import build_tiny_whisper
 
         build_tiny_whisper(out, window_seconds=8, **shape)
     return build
 
 
-def _tiny_ctc(out: Path) -> None:
+def _tiny_ctc(out: Path, home: Path | None) -> None:
     from kdforge.models.ctc import build_ctc_model
 
     build_ctc_model(out, size="tiny", frame_stack=4, seed=0)
 
 
-def _tiny_speech(out: Path) -> None:
+def _tiny_speech(out: Path, home: Path | None) -> None:
     from kdforge.data.synth import synthesize_corpus
 
     synthesize_corpus(out / "corpus", 40, seed=3, test_fraction=0.2, workers=1)
 
 
 #: Every built-in name and how it is made (LMs share the tokenizer; Whisper models tiny.en's).
-BUILDERS: dict[str, Callable[[Path], None]] = {
+BUILDERS: dict[str, Builder] = {
     "tiny-lm-tokenizer": _tiny_lm_tokenizer,
     "tiny-lm-teacher": _tiny_lm("teacher", seed=0),
     "tiny-lm-student": _tiny_lm("student", seed=1),
@@ -73,15 +76,16 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 AUDIOFOLDERS = {"tiny-speech": ("tiny-speech", "corpus/train"), "tiny-speech-test": ("tiny-speech", "corpus/test")}
 
 
-def builtin_folder(name: str) -> Path:
-    """The folder of built-in ``name`` (a model directory, or the corpus), built the first time.
+def builtin_folder(name: str, home: Path | None = None) -> Path:
+    """The folder of built-in ``name`` (a model directory, or the corpus) under kdforge's ``home``
+    (default ``$KDFORGE_HOME``), built the first time.
 
     Raises:
         KdforgeError: an unknown name (the message lists the known ones).
     """
     if name not in BUILDERS:
         raise KdforgeError(f"unknown built-in model {PREFIX}{name} (known: {', '.join(BUILDERS)})")
-    return built_once("builtin", name, BUILDERS[name])
+    return built_once("builtin", name, lambda out: BUILDERS[name](out, home), home)
 
 
 def builtin_audiofolder(name: str) -> Path:

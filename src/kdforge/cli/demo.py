@@ -24,7 +24,8 @@ def demo(
     from kdforge.benchmarks.asr import to_markdown
     from kdforge.demo import DemoPlan, run_demo
 
-    plan = DemoPlan(seeds=seeds)
-    plan = replace(plan, methods=tuple(method) or plan.methods, student_steps=student_steps or plan.student_steps)
+    default = DemoPlan()
+    plan = replace(default, methods=tuple(method) or default.methods, seeds=seeds,
+                   student_steps=student_steps or default.student_steps)
     report = run_demo(out, plan=plan, configs=configs, home=home)
     typer.echo(to_markdown(report))

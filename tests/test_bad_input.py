@@ -191,6 +191,13 @@ def test_bad_text_data_is_named_with_its_line(earlier, kdforge_fails, tmp_path, 
     assert kdforge_fails(train_args(earlier.config, tmp_path / "run", f"data.train={data}")) == message
 
 
+def test_instruction_data_whose_responses_lie_beyond_max_length_is_refused(earlier, kdforge_fails, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"query": "a long question " * 40, "response": "#### 1"}) + "\n")
+    message = kdforge_fails(train_args(earlier.config, tmp_path / "run", f"data.train={data}"))
+    assert message == (f"{data}: no response token falls within data.max_length = 64 tokens of any record; raise it")
+
+
 def one_clip(write: Callable[[Path], None], transcription: str = "hello") -> Callable[[Path], None]:
     """A filling for an empty audiofolder: one utterance, ``clip.wav``, written by ``write(path)``."""
 

@@ -180,8 +180,9 @@ class AlignmentConfig(StrictModel):
 class CacheConfig(StrictModel):
     top_k: int = Field(32, ge=1, description="Next-token (or frame) probabilities kept per position, with the tail mass.")
     batch_size: int = Field(8, ge=1, description="Utterances a teacher processes together.")
-    dir: ModelPath | None = Field(None, description="asr with teachers: the teacher cache training reads "
-                                  "(built there first when the folder does not exist).")
+    dir: ModelPath | None = Field(None, description="The teacher cache training reads, built there first when "
+                                  "the folder does not exist (asr with teachers: required; lm: optional, "
+                                  "without it the teachers run at every step).")
 
 
 class RunConfig(StrictModel):

@@ -116,7 +116,7 @@ def pretrain_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path])
     teacher, tokenizer = load_causal_lm(teachers["web"])
     teacher.eval()
 
-    def teacher_logprobs(batch):
+    def teacher_logprobs(indices, batch):
         return torch.log_softmax(next_token_logits(teacher, batch), -1)
 
     splits = {

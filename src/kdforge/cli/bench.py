@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from kdforge.benchmarks import losses as loss_benchmark
+from kdforge.benchmarks.lm_real import RealPlan
+from kdforge.losses import OBJECTIVES
 from kdforge.errors import KdforgeError
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: each writes DIR/<name>.json and DIR/<name>.md.")
@@ -37,6 +39,38 @@ def bench_lm(
     command = "kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
     report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command)
     typer.echo(lm_benchmark.to_markdown(report))
+
+
+@app.command("lm-real")
+def bench_lm_real(
+    out: Path = typer.Option(..., "--out", help="New folder for lm-real.json, lm-real.md, the plot and every run."),
+    data: Path = typer.Option(..., "--data", help="Training JSONL ('text', or 'query' and 'response')."),
+    eval_data: Path = typer.Option(..., "--eval", help="Held-out JSONL of the same kind."),
+    steps: int = typer.Option(RealPlan.steps, min=1, help="Training steps per student."),
+    layers: int = typer.Option(RealPlan.student_layers, min=1, help="Teacher layers the student keeps."),
+    max_length: int = typer.Option(RealPlan.max_length, min=8, help="Tokens per sequence."),
+    batch_size: int = typer.Option(RealPlan.batch_size, min=1, help="Sequences per step."),
+    train_records: int = typer.Option(RealPlan.train_records, min=1,
+                                      help="Training records (the first N of --data that are not held out)."),
+    eval_records: int = typer.Option(RealPlan.eval_records, min=1, help="Held-out records (the last N of --eval)."),
+    objectives: str = typer.Option(",".join(RealPlan.objectives), help="Base objectives, comma-separated."),
+    teacher: Path = typer.Option(None, help="A causal-LM folder in place of SmolLM2-135M-Instruct."),
+) -> None:
+    """RLKD with a real teacher: each objective without and with the ranking term, CR@k, MOR@k, perplexity."""
+    from kdforge.benchmarks import lm_real
+
+    chosen = tuple(name.strip() for name in objectives.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in OBJECTIVES]
+    if unknown or not chosen:
+        raise KdforgeError(f"--objectives: unknown objective {unknown[0] if unknown else '(none)'!r} "
+                           f"(known: {', '.join(OBJECTIVES)})")
+    plan = RealPlan(objectives=chosen, student_layers=layers, steps=steps, max_length=max_length,
+                    batch_size=batch_size, train_records=train_records, eval_records=eval_records)
+    command = (f"kdforge bench lm-real --out DIR --data {data} --eval {eval_data} --steps {steps} --layers {layers} "
+               f"--max-length {max_length} --batch-size {batch_size} --train-records {train_records} --eval-records {eval_records} "
+               f"--objectives {','.join(chosen)}" + (f" --teacher {teacher}" if teacher else ""))
+    report = lm_real.run(out, data, eval_data, plan, teacher=teacher, command=command)
+    typer.echo(lm_real.to_markdown(report))
 
 
 @app.command("asr-teachers")

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from kdforge.data.arithmetic import extract_answer
 from kdforge.losses.reduction import masked_mean
+from kdforge.losses.sparse import Teacher, TopKTeacher
 from kdforge.metrics import token_nll, topk_consistency_rate, topk_overlap_rate
 from kdforge.tasks.lm import Example, Sampling, collate, generate_answers, next_token_logits
+
+#: ``(example indices, collated batch) -> the teacher's distribution`` at the batch's positions.
+TeacherOf = Callable[[list[int], dict[str, Tensor]], Teacher]
 
 CR_KS = (1, 2, 3, 4, 5)
 MOR_KS = (3, 5, 10, 20)
 
 
 @torch.no_grad()
-def agreement_metrics(student: torch.nn.Module, teacher_logprobs, examples: list[Example], pad_id: int,
+def agreement_metrics(student: torch.nn.Module, teacher: TeacherOf | None, examples: list[Example], pad_id: int,
                       batch_size: int = 16) -> dict[str, float]:
-    """Token-weighted ``ppl`` and, when ``teacher_logprobs(batch)`` gives a teacher, ``cr@k``/``mor@k`` in percent.
+    """Token-weighted ``ppl`` and, with a teacher, ``cr@k``/``mor@k`` in percent.
 
     Args:
         student: a causal LM.
-        teacher_logprobs: ``batch -> (B, L-1, V)`` teacher log-probs, or None for perplexity only.
+        teacher: ``(example indices, collated batch) -> teacher`` (``(B, L-1, V)`` log-probs or logits,
+            or a :class:`~kdforge.losses.TopKTeacher`: rates at k beyond the ids it keeps are left out),
+            or None for perplexity only.
         examples: tokenised records; their target tokens are what is scored.
         pad_id: the padding id.
     """
@@ -32,15 +40,17 @@ def agreement_metrics(student: torch.nn.Module, teacher_logprobs, examples: list
     sums: dict[str, float] = {}
     count = 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+        indices = list(range(start, min(start + batch_size, len(examples))))
+        batch = collate([examples[i] for i in indices], pad_id)
         mask = batch["target_mask"]
         n = int(mask.sum())
         logits = next_token_logits(student, batch)
         values = {"nll": float(masked_mean(token_nll(logits, batch["targets"]), mask))}
-        teacher = teacher_logprobs(batch) if teacher_logprobs else None
         if teacher is not None:
-            values |= {f"cr@{k}": 100 * topk_consistency_rate(logits, teacher, k, mask) for k in CR_KS}
-            values |= {f"mor@{k}": 100 * topk_overlap_rate(logits, teacher, k, mask) for k in MOR_KS}
+            reference = teacher(indices, batch)
+            kept = reference.k if isinstance(reference, TopKTeacher) else logits.shape[-1]
+            values |= {f"cr@{k}": 100 * topk_consistency_rate(logits, reference, k, mask) for k in CR_KS if k <= kept}
+            values |= {f"mor@{k}": 100 * topk_overlap_rate(logits, reference, k, mask) for k in MOR_KS if k <= kept}
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * n
         count += n

@@ -27,11 +27,9 @@ from torch import Tensor
 from kdforge.alignment import (StudentProjection, TeacherProjection, lppm_loss, pool_utterance, resample_time,
                                shared_dimension, uniform_layer_map, infonce_loss)
 from kdforge.errors import KdforgeError
-from kdforge.losses import TopKTeacher
-from kdforge.losses.sparse import LOG_FLOOR
 from kdforge.models.loading import model_type_of
 from kdforge.tasks.asr import WhisperTask, read_training_audio
-from kdforge.teachers.cache import ENSEMBLE, TeacherCache, data_fingerprint
+from kdforge.teachers.cache import ENSEMBLE, TeacherCache, data_fingerprint, stack_top_k
 from kdforge.teachers.ensemble import ensemble_top_k
 
 
@@ -116,24 +114,6 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
 
 
-def stack_top_k(rows: list[TopKTeacher], offset: int, length: int) -> TopKTeacher:
-    """Place each utterance's top-k rows ``(n_i, k)`` at positions ``offset..offset+n_i`` of a ``(B, length, k)`` grid.
-
-    Positions outside hold a valid placeholder distribution (uniform over k ids, no tail) that the
-    target mask leaves out of every loss.
-    """
-    k = rows[0].indices.shape[-1]
-    indices = torch.arange(k).expand(len(rows), length, k).clone()
-    logprobs = torch.full((len(rows), length, k), -math.log(k))
-    tail = torch.full((len(rows), length), LOG_FLOOR)
-    for row, teacher in enumerate(rows):
-        n = teacher.indices.shape[0]
-        indices[row, offset : offset + n] = teacher.indices
-        logprobs[row, offset : offset + n] = teacher.logprobs.float()
-        tail[row, offset : offset + n] = teacher.tail_logprob.float()
-    return TopKTeacher(indices, logprobs, tail)
-
-
 class WhisperDistillationTask(WhisperTask):
     """A Whisper student (optionally built from a teacher's layers, optionally LoRA) distilled from the cache."""
 
@@ -192,7 +172,7 @@ class WhisperDistillationTask(WhisperTask):
         """:meth:`WhisperTask.batch` plus the teachers' cached signals for these utterances.
 
         Adds ``encoder_frames (B,)`` (the student's frames of speech), ``teacher_topk`` (a
-        :class:`TopKTeacher` on the ``(B, L)`` target grid: the weighted mean of the teachers that
+        :class:`~kdforge.losses.TopKTeacher` on the ``(B, L)`` target grid: the weighted mean of the teachers that
         share the student's vocabulary, :func:`kdforge.teachers.ensemble.ensemble_top_k`), and per
         mapped teacher ``hidden/<name>`` ``(layers, B, T_s, d_m)``: its cached hidden states
         resampled to the student's frames (zero beyond them).
@@ -202,9 +182,8 @@ class WhisperDistillationTask(WhisperTask):
         batch["encoder_frames"] = ((batch["frames"] + 1) // 2).clamp(max=window)
         utterances = [self.ids[i] for i in indices]
         if self.logit_teachers:
-            fields = ["topk_ids", "topk_logprobs", "tail_logprob"]
-            grids = [stack_top_k([TopKTeacher(*(s[f] for f in fields)) for s in self.cache.batch(name, utterances, fields)],
-                                 self.prompt_length - 1, batch["targets"].shape[1]) for name in self.logit_teachers]
+            grids = [stack_top_k(self.cache.top_k(name, utterances), self.prompt_length - 1, batch["targets"].shape[1])
+                     for name in self.logit_teachers]
             weights = [t.weight for t in self.config.teachers if t.label in self.logit_teachers]
             batch["teacher_topk"] = ensemble_top_k(grids, weights) if len(grids) > 1 else grids[0]
         for teacher in self.mapped:

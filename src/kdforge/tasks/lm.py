@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from kdforge.data.lm import Record
 from kdforge.errors import KdforgeError
+from kdforge.losses.sparse import Teacher
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,70 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
     return {"inputs": inputs, "attention_mask": attention, "targets": inputs[:, 1:], "target_mask": target[:, 1:]}
 
 
-def load_causal_lm(model_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local directory (never remote code)."""
-    from kdforge.models.loading import SAFE_LOADING, load_preprocessor, model_type_of
+def load_vocabulary(model_dir: str | Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """A causal LM's config (``vocab_size``...) and its tokenizer (padding with eos where it has no pad
+    token), without its weights."""
+    from kdforge.models.loading import load_preprocessor, model_type_of
 
-    model_dir = Path(model_dir)
     model_type_of(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **SAFE_LOADING)
-    tokenizer = load_preprocessor(AutoTokenizer, model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_preprocessor(AutoTokenizer, Path(model_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return config, tokenizer
+
+
+def load_causal_lm(model_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local directory (never remote code)."""
+    from kdforge.models.loading import SAFE_LOADING
+
+    _, tokenizer = load_vocabulary(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **SAFE_LOADING)
     return model, tokenizer
+
+
+def tokenised_splits(config, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[Example]]:
+    """The run's ``train`` and ``eval`` (empty without ``data.eval``) records as examples.
+
+    Raises:
+        KdforgeError: the training data holds no records, or a split no target token within ``max_length``.
+    """
+    from kdforge.data.lm import load_records
+
+    def encode(source: str | None) -> list[Example]:
+        records = load_records(source) if source else []
+        return [encode_record(record, tokenizer, config.data.max_length) for record in records]
+
+    splits = {"train": encode(config.data.train), "eval": encode(config.data.eval)}
+    if not splits["train"]:
+        raise KdforgeError(f"{config.data.train} holds no training records")
+    for split, source in (("train", config.data.train), ("eval", config.data.eval)):
+        if splits[split] and not any(any(example.is_target) for example in splits[split]):
+            raise KdforgeError(f"{source}: no response token falls within data.max_length = {config.data.max_length} "
+                               "tokens of any record; raise it")
+    return splits
+
+
+def build_lm_cache_from_config(config, out: str | Path) -> dict:
+    """:func:`~kdforge.teachers.lm_cache.build_lm_cache` for a run config's teachers, data and ``cache``
+    settings, tokenised as the run's student will be (its tokenizer is its teacher's)."""
+    from kdforge.teachers.lm_cache import build_lm_cache
+
+    _, tokenizer = load_vocabulary(config.student.path or config.student.init_from)
+    return build_lm_cache({t.label: t.path for t in config.teachers}, tokenised_splits(config, tokenizer),
+                          tokenizer.pad_token_id, out, top_k=config.cache.top_k, batch_size=config.cache.batch_size)
+
+
+def open_lm_cache(config, splits: dict[str, list[Example]], pad_id: int):
+    """The run's :class:`~kdforge.teachers.lm_cache.CachedLMTeachers` (``cache.dir``), built first when the
+    folder does not exist yet."""
+    from kdforge.teachers.lm_cache import CachedLMTeachers, build_lm_cache
+
+    if not (config.cache.dir / "manifest.json").exists():
+        build_lm_cache({t.label: t.path for t in config.teachers}, splits, pad_id, config.cache.dir,
+                       top_k=config.cache.top_k, batch_size=config.cache.batch_size)
+    return CachedLMTeachers(config.cache.dir, {t.label: (t.path, t.weight) for t in config.teachers}, splits,
+                            config.cache.top_k)
 
 
 def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
@@ -136,7 +190,6 @@ class LMTask:
     selection_metric = "ppl"  # the best checkpoint has the lowest held-out perplexity
 
     def __init__(self, config, work_dir: Path):
-        from kdforge.data.lm import load_records
         from kdforge.student.init import init_student
         from kdforge.student.lora import add_lora
 
@@ -148,30 +201,40 @@ class LMTask:
                 init_student(config.student.init_from, student_dir, config.student.layers,
                                        config.student.num_layers)
         self.student, self.tokenizer = load_causal_lm(student_dir)
+        cached = bool(config.teachers) and config.cache.dir is not None
         self.teachers = []
         for teacher_config in config.teachers:
-            teacher, teacher_tokenizer = load_causal_lm(teacher_config.path)
+            if cached:  # a cached run needs only the teacher's tokenizer and vocabulary size, not its weights
+                teacher_model_config, teacher_tokenizer = load_vocabulary(teacher_config.path)
+            else:
+                teacher, teacher_tokenizer = load_causal_lm(teacher_config.path)
+                self.teachers.append(teacher.eval().requires_grad_(False))
+                teacher_model_config = teacher.config
             check_same_vocabulary(self.tokenizer, teacher_tokenizer, self.student.config.vocab_size,
-                                  teacher.config.vocab_size, str(teacher_config.path))
-            self.teachers.append(teacher.eval().requires_grad_(False))
+                                  teacher_model_config.vocab_size, str(teacher_config.path))
         self.teacher_weights = [t.weight for t in config.teachers]
         if config.student.lora is not None:
             self.student = add_lora(self.student, config.student.lora)
-        max_length = config.data.max_length
-        self.train_examples = [encode_record(r, self.tokenizer, max_length) for r in load_records(config.data.train)]
-        self.eval_records = load_records(config.data.eval) if config.data.eval else []
-        self.eval_examples = [encode_record(r, self.tokenizer, max_length) for r in self.eval_records]
-        if not self.train_examples:
-            raise KdforgeError(f"{config.data.train} holds no training records")
+        splits = tokenised_splits(config, self.tokenizer)
+        self.train_examples, self.eval_examples = splits["train"], splits["eval"]
+        self.cached = open_lm_cache(config, splits, self.tokenizer.pad_token_id) if cached else None
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+        """Collated training examples (:func:`collate`), plus ``teacher_topk`` (the cached ensemble's
+        :class:`~kdforge.losses.TopKTeacher` on the ``(B, L-1)`` target grid) when the run reads a cache."""
+        batch = collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+        if self.cached is not None:
+            batch["teacher_topk"] = self.cached.top_k("train", indices, batch["targets"].shape[1])
+        return batch
 
     @torch.no_grad()
-    def teacher_logprobs(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """The ensemble teacher's ``(B, L-1, V)`` log-probabilities (None without teachers)."""
+    def teacher(self, batch: dict[str, Tensor]) -> Teacher | None:
+        """The ensemble teacher of a training batch: cached top-k, or ``(B, L-1, V)`` log-probabilities of the
+        teachers run now (None without teachers)."""
         from kdforge.teachers.ensemble import ensemble_logprobs
 
+        if "teacher_topk" in batch:
+            return batch["teacher_topk"]
         if not self.teachers:
             return None
         return ensemble_logprobs([next_token_logits(t, batch) for t in self.teachers], self.teacher_weights)
@@ -180,7 +243,7 @@ class LMTask:
         from kdforge.training.objective import token_loss_terms
 
         student_logits = next_token_logits(self.student, batch)
-        return token_loss_terms(student_logits, self.teacher_logprobs(batch), batch["targets"],
+        return token_loss_terms(student_logits, self.teacher(batch), batch["targets"],
                                 batch["target_mask"], self.config.objective)
 
     def export(self, out_dir: Path, model: torch.nn.Module) -> None:
@@ -194,5 +257,12 @@ class LMTask:
 
         if not self.eval_examples:
             return {}
-        teacher = self.teacher_logprobs if self.teachers else None
+        if self.cached is not None:
+            def teacher(indices, batch):
+                return self.cached.top_k("eval", indices, batch["targets"].shape[1])
+        elif self.teachers:
+            def teacher(indices, batch):
+                return self.teacher(batch)
+        else:
+            teacher = None
         return agreement_metrics(self.student, teacher, self.eval_examples, self.tokenizer.pad_token_id)

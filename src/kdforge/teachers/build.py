@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -39,20 +38,14 @@ from tqdm import tqdm
 from torch import Tensor
 
 from kdforge.data.audio import labelled_ids, read_metadata
-from kdforge.losses import TopKTeacher
 from kdforge.models.loading import SAFE_LOADING, decoder_prompt_length, model_type_of
 from kdforge.tasks.asr import read_training_audio
-from kdforge.teachers.cache import ENSEMBLE, TeacherShards, data_fingerprint, model_identity, write_manifest
+from kdforge.teachers.cache import (ENSEMBLE, TeacherShards, data_fingerprint, model_identity, sealed_build,
+                                    top_k_signals, write_manifest)
 
 
 def _text_bytes(text: str) -> Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
-
-
-def _top_k_fields(logits: Tensor, k: int) -> dict[str, Tensor]:
-    """The :class:`TopKTeacher` fields of ``logits (n, V)``; a vocabulary of V <= k is kept whole."""
-    sparse = TopKTeacher.from_logits(logits, min(k, logits.shape[-1]))
-    return {"topk_ids": sparse.indices, "topk_logprobs": sparse.logprobs, "tail_logprob": sparse.tail_logprob}
 
 
 @torch.no_grad()
@@ -75,7 +68,7 @@ def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str],
         frames = min(window, math.ceil(len(samples) / extractor.hop_length / 2))  # the encoder halves the mel rate
         text_positions = slice(prompt - 1, len(labels[row]) - 1)  # logits predicting the text and its end
         out.append({**{f"hidden.{layer}": encoded.hidden_states[layer][row, :frames].half() for layer in layers},
-                    "label_ids": torch.tensor(labels[row][prompt:]), **_top_k_fields(logits[row, text_positions], k)})
+                    "label_ids": torch.tensor(labels[row][prompt:]), **top_k_signals(logits[row, text_positions], k)})
     return out
 
 
@@ -90,7 +83,7 @@ def ctc_signals(model, extractor, audio: list[np.ndarray], layers: list[int], k:
     for row in range(len(audio)):
         frames = int(mask[row].sum())
         out.append({**{f"hidden.{layer}": output.hidden_states[layer][row, :frames].half() for layer in layers},
-                    **_top_k_fields(output.logits[row, :frames], k)})
+                    **top_k_signals(output.logits[row, :frames], k)})
     return out
 
 
@@ -182,52 +175,48 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     Returns:
         ``{"seconds": wall time, "teacher_seconds": {name: seconds over both passes}}``.
     """
-    from kdforge.files import check_new_folder
-
-    final = check_new_folder(out)
     records = read_metadata(data_dir)  # a bad audiofolder fails here, before any process starts
-    # Built beside its destination and renamed when sealed: an interrupted build leaves no half cache
-    # at ``out`` (a later run would refuse the folder); the next build discards the leftover.
-    out = final.with_name(f".{final.name}.building")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     keep = labelled_ids(records, labelled)
     threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.perf_counter()
     names = list(teachers)
-    first = _run_all(transcribe_teacher, [(n, str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
-                                          for n in names], workers)
-    transcripts = {name: texts for name, (texts, _) in zip(names, first)}
-    ensemble = ensemble_transcripts(transcripts)
-    targets = [r.transcription if r.id in keep else chosen for r, chosen in zip(records, ensemble)]
-    second = _run_all(cache_teacher, [(n, str(teachers[n]), str(data_dir), str(out), layers[n], top_k, batch_size,
-                                       threads, audio_ctx, targets, transcripts[n]) for n in names], workers)
-    settings = {"top_k": top_k, "audio_ctx": audio_ctx, "labelled": labelled}
-    written = {}
-    for name, (shards, _) in zip(names, second):
-        teacher = TeacherShards(out, name)
-        teacher.shards = shards
-        written[name] = (model_identity(teachers[name]), {"layers": layers[name], **settings}, teacher)
-    choice = TeacherShards(out, ENSEMBLE)
-    for record, chosen, target in zip(records, ensemble, targets):
-        choice.add(record.id, {"pseudo_label": _text_bytes(chosen), "target": _text_bytes(target)})
-    written[ENSEMBLE] = ({"members": names}, settings, choice)
-    write_manifest(out, data_fingerprint(data_dir), written)
-    if final.exists():
-        final.rmdir()  # empty, checked above
-    out.rename(final)
+    with sealed_build(out) as out:
+        first = _run_all(transcribe_teacher, [(n, str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
+                                              for n in names], workers)
+        transcripts = {name: texts for name, (texts, _) in zip(names, first)}
+        ensemble = ensemble_transcripts(transcripts)
+        targets = [r.transcription if r.id in keep else chosen for r, chosen in zip(records, ensemble)]
+        second = _run_all(cache_teacher, [(n, str(teachers[n]), str(data_dir), str(out), layers[n], top_k,
+                                           batch_size, threads, audio_ctx, targets, transcripts[n]) for n in names],
+                          workers)
+        settings = {"top_k": top_k, "audio_ctx": audio_ctx, "labelled": labelled}
+        written = {}
+        for name, (shards, _) in zip(names, second):
+            teacher = TeacherShards(out, name)
+            teacher.shards = shards
+            written[name] = (model_identity(teachers[name]), {"layers": layers[name], **settings}, teacher)
+        choice = TeacherShards(out, ENSEMBLE)
+        for record, chosen, target in zip(records, ensemble, targets):
+            choice.add(record.id, {"pseudo_label": _text_bytes(chosen), "target": _text_bytes(target)})
+        written[ENSEMBLE] = ({"members": names}, settings, choice)
+        write_manifest(out, data_fingerprint(data_dir), written)
     seconds = {name: first[i][1] + second[i][1] for i, name in enumerate(names)}
     return {"seconds": time.perf_counter() - started, "teacher_seconds": seconds}
 
 
 def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
-    """:func:`build_cache` for the teachers, training data and ``cache`` settings of a run config.
+    """:func:`build_cache` for the teachers, training data and ``cache`` settings of a run config
+    (``task: lm``: its LM counterpart, teachers one after another, ``workers`` unused).
 
     Each teacher keeps the hidden states the student's layer map pairs with its own
     (:func:`kdforge.tasks.asr_distill.layer_plan`).
     """
     from kdforge.tasks.asr_distill import layer_plan
 
+    if config.task == "lm":
+        from kdforge.tasks.lm import build_lm_cache_from_config
+
+        return build_lm_cache_from_config(config, out)
     teachers = {teacher.label: teacher.path for teacher in config.teachers}
     return build_cache(teachers, config.data.train, out, layer_plan(config)[1], top_k=config.cache.top_k,
                        batch_size=config.cache.batch_size, workers=workers, audio_ctx=config.audio.audio_ctx,

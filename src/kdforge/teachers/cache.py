@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +33,58 @@ from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only 
 
 from kdforge.data.audio import read_metadata
 from kdforge.errors import KdforgeError
-from kdforge.files import sha256_file, write_json_atomic
+from kdforge.files import check_new_folder, sha256_file, write_json_atomic
+from kdforge.losses import TopKTeacher
+from kdforge.losses.sparse import LOG_FLOOR
 
 MANIFEST = "manifest.json"
 #: The entry holding the ensemble's transcript of each utterance (built from the teachers' own).
 ENSEMBLE = "ensemble"
+#: The signals of a cached next-token (or frame) distribution: the :class:`TopKTeacher` fields.
+TOP_K_FIELDS = ["topk_ids", "topk_logprobs", "tail_logprob"]
+
+
+def top_k_signals(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The cached fields of ``logits (n, V)``: top-k ids and log-probs, tail mass; V <= k is kept whole."""
+    sparse = TopKTeacher.from_logits(logits, min(k, logits.shape[-1]))
+    return dict(zip(TOP_K_FIELDS, (sparse.indices, sparse.logprobs, sparse.tail_logprob)))
+
+
+def stack_top_k(rows: list[TopKTeacher], offset: int, length: int) -> TopKTeacher:
+    """Place each example's top-k rows ``(n_i, k)`` at positions ``offset..offset+n_i`` of a ``(B, length, k)`` grid.
+
+    Positions outside hold a valid placeholder distribution (uniform over k ids, no tail) that the
+    target mask leaves out of every loss.
+    """
+    k = rows[0].indices.shape[-1]
+    indices = torch.arange(k).expand(len(rows), length, k).clone()
+    logprobs = torch.full((len(rows), length, k), -math.log(k))
+    tail = torch.full((len(rows), length), LOG_FLOOR)
+    for row, teacher in enumerate(rows):
+        n = teacher.indices.shape[0]
+        indices[row, offset : offset + n] = teacher.indices
+        logprobs[row, offset : offset + n] = teacher.logprobs.float()
+        tail[row, offset : offset + n] = teacher.tail_logprob.float()
+    return TopKTeacher(indices, logprobs, tail)
+
+
+@contextmanager
+def sealed_build(out: str | Path) -> Iterator[Path]:
+    """Build a cache in a hidden folder beside ``out`` and rename it to ``out`` only when the block ends
+    without error: an interrupted build leaves no half cache at ``out`` (a later run would refuse the
+    folder), and the next build discards the leftover.
+
+    Raises:
+        KdforgeError: ``out`` is a file or a non-empty folder (never overwritten).
+    """
+    final = check_new_folder(out)
+    building = final.with_name(f".{final.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    yield building
+    if final.exists():
+        final.rmdir()  # empty, checked above
+    building.rename(final)
 
 
 def settings_hash(settings: dict) -> str:
@@ -257,6 +308,10 @@ class TeacherCache:
     def batch(self, teacher: str, utterance_ids: list[str], names: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
         """:meth:`signals` for each utterance of a training batch, in order."""
         return [self.signals(teacher, utterance, names) for utterance in utterance_ids]
+
+    def top_k(self, teacher: str, utterance_ids: list[str]) -> list[TopKTeacher]:
+        """The cached next-token (or frame) distributions of each utterance, ``(n_i, k)`` each, in order."""
+        return [TopKTeacher(*(s[f] for f in TOP_K_FIELDS)) for s in self.batch(teacher, utterance_ids, TOP_K_FIELDS)]
 
     def text(self, teacher: str, utterance_id: str, name: str = "pseudo_label") -> str:
         """A cached transcript (``pseudo_label``, or the ensemble's ``target``) as text."""

@@ -97,3 +97,15 @@ def test_cli_caches_lm_teachers_and_training_reads_them_without_running_a_teache
     assert loaded == [str(tmp_path / "student")]
     assert {"ppl", "cr@5", "mor@5"} <= set(result["eval"])
     assert "mor@10" not in result["eval"]  # 8 cached ids cannot tell the teacher's top 10
+
+
+def test_a_cached_weighted_ensemble_equals_running_both_teachers(tiny_lm, tmp_path):
+    from kdforge.models.tiny import build_tiny_lm
+
+    second = build_tiny_lm(tmp_path / "second", "student", tiny_lm["tokenizer"], seed=5)
+    ensemble = [{"path": str(tiny_lm["teacher"]), "weight": 3.0}, {"path": str(second), "weight": 1.0}]
+    online = LMTask(parse_config(raw_config(tiny_lm) | {"teachers": ensemble}), tmp_path / "online")
+    cached = LMTask(parse_config(raw_config(tiny_lm, tmp_path / "cache") | {"teachers": ensemble}), tmp_path / "cached")
+    cached.student.load_state_dict(online.student.state_dict())
+    torch.testing.assert_close(cached.loss(cached.batch([1, 4]))[0], online.loss(online.batch([1, 4]))[0],
+                               rtol=1e-4, atol=1e-5)

@@ -40,10 +40,10 @@ class RealPlan:
 
     objectives: tuple[str, ...] = ("kl", "rkl", "tvd")
     student_layers: int = 4
-    steps: int = 100
+    steps: int = 150
     batch_size: int = 8
     max_length: int = 128
-    train_records: int = 800
+    train_records: int = 1200
     eval_records: int = 100
     lr: float = 2e-4
     rlkd_weight: float = 2.0

@@ -190,30 +190,6 @@ def _teacher_scores(teacher: Teacher, ids: Tensor, vocab_size: int, rank_on: Ran
     return teacher.gather(-1, ids)
 
 
-class _ScoresAt(torch.autograd.Function):
-    """``student_logits`` at ``ids`` of the positions ``rows``, with a sparse gradient.
-
-    Only ``(n, m)`` of the ``(..., V)`` logits take part, so the gradient leaves as a sparse COO
-    tensor; autograd adds it in place into a dense gradient arriving at the same tensor (the base
-    objective's), instead of zero-filling, scattering into and adding a second full-vocabulary
-    tensor, which was most of the ranking term's cost at V = 49,152 (docs/performance.md).
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
-        vocab_size = student_logits.shape[-1]
-        ctx.save_for_backward(rows, ids)
-        ctx.shape = student_logits.shape
-        return student_logits.reshape(-1).take(rows.unsqueeze(-1) * vocab_size + ids)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        rows, ids = ctx.saved_tensors
-        positions = torch.unravel_index(rows.unsqueeze(-1).expand_as(ids).reshape(-1), ctx.shape[:-1])
-        indices = torch.stack([*positions, ids.reshape(-1)])
-        return torch.sparse_coo_tensor(indices, grad.reshape(-1), ctx.shape, check_invariants=False), None, None
-
-
 def rlkd_ranking_loss(
     student_logits: Tensor,
     teacher_logits: Teacher,
@@ -221,7 +197,6 @@ def rlkd_ranking_loss(
     k: int = 5,
     regularization_strength: float = 1.0,
     rank_on: RankOn = "logits",
-    sparse_gradient: bool = False,
 ) -> Tensor:
     """RLKD's ranking loss ``1 - mean Spearman`` over each position's exact top-k union.
 
@@ -233,9 +208,6 @@ def rlkd_ranking_loss(
         k: top-k size per model (>= 2); the union has k to 2k ids.
         regularization_strength: the soft rank's eps (torchsort's default 1.0, as the official code).
         rank_on: rank raw ``"logits"`` (official code) or softmax ``"probs"`` (the paper's text).
-        sparse_gradient: with ``"logits"``, send the student's gradient back sparse (only the union's
-            ids have one). Faster, but only where a dense gradient joins it before it reaches a
-            leaf or a layer (:func:`rlkd_loss` sets it when a base objective is present).
 
     Returns:
         A scalar in [0, 2]; 0 with a gradient path when no position is valid.
@@ -248,19 +220,14 @@ def rlkd_ranking_loss(
     if teacher_leading_shape(teacher_logits) != leading:
         raise ValueError("teacher and student positions differ")
     rows = valid_rows(leading, mask, student_logits.device)
-    flat, selector = student_logits.reshape(-1, vocab_size), row_selector(rows)
-    teacher = teacher_rows(teacher_logits, selector)
-    ids, in_union = exact_topk_union(teacher_topk(teacher, k), flat.detach()[selector].topk(k, dim=-1).indices)
+    student = student_logits.reshape(-1, vocab_size)[row_selector(rows)]
+    teacher = teacher_rows(teacher_logits, row_selector(rows))
+    ids, in_union = exact_topk_union(teacher_topk(teacher, k), student.detach().topk(k, dim=-1).indices)
     if rank_on == "probs":
-        student_scores = torch.softmax(flat[selector].to(torch.promote_types(flat.dtype, torch.float32)), -1).gather(-1, ids)
-    elif sparse_gradient:
-        every_row = torch.arange(leading.numel(), device=student_logits.device)
-        student_scores = _ScoresAt.apply(student_logits, every_row if rows is None else rows, ids)
-    else:
-        student_scores = flat[selector].gather(-1, ids)
+        student = torch.softmax(student.to(torch.promote_types(student.dtype, torch.float32)), -1)
     # Only (n, 2k) scores are ranked: float64 costs nothing here and keeps values / eps exact
     # when eps is small (float32 would lose the ranks' fractions at values / eps ~ 1e5).
-    student_scores = student_scores.double()
+    student_scores = student.gather(-1, ids).double()
     teacher_scores = _teacher_scores(teacher, ids, vocab_size, rank_on).double()
     rho = masked_pearson(
         soft_rank(student_scores, regularization_strength, in_union),
@@ -319,7 +286,6 @@ def rlkd_loss(
         base = objective(student_logits, teacher_logits, mask, **objective_options)
         total = total + base_weight * base
     if rank_weight != 0:
-        rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on,
-                                 sparse_gradient=objective is not None and base_weight != 0)
+        rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on)
         total = total + rank_weight * rank
     return RankedLoss(total, base, rank)

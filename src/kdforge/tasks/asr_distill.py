@@ -29,7 +29,8 @@ from kdforge.alignment import (StudentProjection, TeacherProjection, lppm_loss, 
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
 from kdforge.tasks.asr import WhisperTask, read_training_audio
-from kdforge.teachers.cache import ENSEMBLE, TeacherCache, data_fingerprint, stack_top_k
+from kdforge.teachers.cache import (ENSEMBLE, TOP_K_FIELDS, TeacherCache, as_top_k, data_fingerprint,
+                                    stack_top_k)
 from kdforge.teachers.ensemble import ensemble_top_k
 
 
@@ -182,8 +183,8 @@ class WhisperDistillationTask(WhisperTask):
         batch["encoder_frames"] = ((batch["frames"] + 1) // 2).clamp(max=window)
         utterances = [self.ids[i] for i in indices]
         if self.logit_teachers:
-            grids = [stack_top_k(self.cache.top_k(name, utterances), self.prompt_length - 1, batch["targets"].shape[1])
-                     for name in self.logit_teachers]
+            grids = [stack_top_k(as_top_k(self.cache.batch(name, utterances, TOP_K_FIELDS)), self.prompt_length - 1,
+                                 batch["targets"].shape[1]) for name in self.logit_teachers]
             weights = [t.weight for t in self.config.teachers if t.label in self.logit_teachers]
             batch["teacher_topk"] = ensemble_top_k(grids, weights) if len(grids) > 1 else grids[0]
         for teacher in self.mapped:

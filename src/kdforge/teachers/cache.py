@@ -50,6 +50,11 @@ def top_k_signals(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     return dict(zip(TOP_K_FIELDS, (sparse.indices, sparse.logprobs, sparse.tail_logprob)))
 
 
+def as_top_k(signals: list[dict[str, torch.Tensor]]) -> list[TopKTeacher]:
+    """Each utterance's cached :data:`TOP_K_FIELDS` as a :class:`TopKTeacher` ``(n_i, k)``, in order."""
+    return [TopKTeacher(*(s[f] for f in TOP_K_FIELDS)) for s in signals]
+
+
 def stack_top_k(rows: list[TopKTeacher], offset: int, length: int) -> TopKTeacher:
     """Place each example's top-k rows ``(n_i, k)`` at positions ``offset..offset+n_i`` of a ``(B, length, k)`` grid.
 
@@ -308,10 +313,6 @@ class TeacherCache:
     def batch(self, teacher: str, utterance_ids: list[str], names: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
         """:meth:`signals` for each utterance of a training batch, in order."""
         return [self.signals(teacher, utterance, names) for utterance in utterance_ids]
-
-    def top_k(self, teacher: str, utterance_ids: list[str]) -> list[TopKTeacher]:
-        """The cached next-token (or frame) distributions of each utterance, ``(n_i, k)`` each, in order."""
-        return [TopKTeacher(*(s[f] for f in TOP_K_FIELDS)) for s in self.batch(teacher, utterance_ids, TOP_K_FIELDS)]
 
     def text(self, teacher: str, utterance_id: str, name: str = "pseudo_label") -> str:
         """A cached transcript (``pseudo_label``, or the ensemble's ``target``) as text."""

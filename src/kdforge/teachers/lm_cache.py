@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from kdforge.losses import TopKTeacher
 from kdforge.tasks.lm import Example, collate, load_causal_lm, next_token_logits
-from kdforge.teachers.cache import (TeacherCache, TeacherShards, model_identity, sealed_build, stack_top_k,
-                                    top_k_signals, write_manifest)
+from kdforge.teachers.cache import (TOP_K_FIELDS, TeacherCache, TeacherShards, as_top_k, model_identity,
+                                    sealed_build, stack_top_k, top_k_signals, write_manifest)
 from kdforge.teachers.ensemble import ensemble_top_k
 
 Splits = dict[str, list[Example]]
@@ -95,5 +95,5 @@ class CachedLMTeachers:
     def top_k(self, split: str, indices: list[int], length: int) -> TopKTeacher:
         """The ensemble's top-k on the ``(B, length)`` grid of a batch of these examples (``length`` = L-1)."""
         entries = [entry_id(split, index) for index in indices]
-        grids = [stack_top_k(self.cache.top_k(name, entries), 0, length) for name in self.names]
+        grids = [stack_top_k(as_top_k(self.cache.batch(name, entries, TOP_K_FIELDS)), 0, length) for name in self.names]
         return ensemble_top_k(grids, self.weights) if len(grids) > 1 else grids[0]

@@ -14,10 +14,10 @@ def cache_command(
     target: str = typer.Argument(..., help="A run config whose teachers to cache, or 'verify'."),
     folder: Path = typer.Argument(None, help="With 'verify': the cache folder."),
     out: Path = typer.Option(None, "--out", help="The new cache folder (with a config)."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Teachers run at once, one process each."),
+    workers: int = typer.Option(1, "--workers", min=1, help="ASR: teachers run at once, one process each."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config key: key.path=value (repeatable)."),
 ) -> None:
-    """Run every teacher once over the training audio and store its signals; or check a cache."""
+    """Run every teacher once over the training data (ASR audio, or LM records) and store its signals; or check a cache."""
     from kdforge.teachers.cache import verify_cache
 
     if target == "verify":

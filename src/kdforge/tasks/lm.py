@@ -106,24 +106,28 @@ def tokenised_splits(config, tokenizer: PreTrainedTokenizerBase) -> dict[str, li
     return splits
 
 
-def build_lm_cache_from_config(config, out: str | Path) -> dict:
-    """:func:`~kdforge.teachers.lm_cache.build_lm_cache` for a run config's teachers, data and ``cache``
-    settings, tokenised as the run's student will be (its tokenizer is its teacher's)."""
+def cache_teachers(config, splits: dict[str, list[Example]], pad_id: int, out: str | Path) -> dict:
+    """:func:`~kdforge.teachers.lm_cache.build_lm_cache` for a run config's teachers and ``cache`` settings."""
     from kdforge.teachers.lm_cache import build_lm_cache
 
+    return build_lm_cache({t.label: t.path for t in config.teachers}, splits, pad_id, out, top_k=config.cache.top_k,
+                          batch_size=config.cache.batch_size)
+
+
+def build_lm_cache_from_config(config, out: str | Path) -> dict:
+    """:func:`cache_teachers` over the run's data, tokenised as its student will be (its tokenizer is its
+    teacher's)."""
     _, tokenizer = load_vocabulary(config.student.path or config.student.init_from)
-    return build_lm_cache({t.label: t.path for t in config.teachers}, tokenised_splits(config, tokenizer),
-                          tokenizer.pad_token_id, out, top_k=config.cache.top_k, batch_size=config.cache.batch_size)
+    return cache_teachers(config, tokenised_splits(config, tokenizer), tokenizer.pad_token_id, out)
 
 
 def open_lm_cache(config, splits: dict[str, list[Example]], pad_id: int):
     """The run's :class:`~kdforge.teachers.lm_cache.CachedLMTeachers` (``cache.dir``), built first when the
     folder does not exist yet."""
-    from kdforge.teachers.lm_cache import CachedLMTeachers, build_lm_cache
+    from kdforge.teachers.lm_cache import CachedLMTeachers
 
     if not (config.cache.dir / "manifest.json").exists():
-        build_lm_cache({t.label: t.path for t in config.teachers}, splits, pad_id, config.cache.dir,
-                       top_k=config.cache.top_k, batch_size=config.cache.batch_size)
+        cache_teachers(config, splits, pad_id, config.cache.dir)
     return CachedLMTeachers(config.cache.dir, {t.label: (t.path, t.weight) for t in config.teachers}, splits,
                             config.cache.top_k)
 

@@ -101,7 +101,7 @@ def _student_init(home: Path, tokenizer_dir: Path, seed: int) -> Path:
     return path
 
 
-def _mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
+def mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
     """Mean and standard deviation over seeds of each metric."""
     summary = {"seeds": len(rows)}
     for key in keys:
@@ -137,7 +137,7 @@ def pretrain_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path])
                 for split, examples in splits.items():
                     per_seed[split].append(agreement_metrics(student, teacher_logprobs, examples, tokenizer.pad_token_id))
             for split, rows in per_seed.items():
-                table.append({"objective": objective, "rlkd": with_rank, "split": split, **_mean_rows(rows, METRIC_KEYS)})
+                table.append({"objective": objective, "rlkd": with_rank, "split": split, **mean_rows(rows, METRIC_KEYS)})
     return table
 
 
@@ -162,7 +162,7 @@ def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path
                 plan.downstream_steps, spec, seed, 96))
             student, tokenizer = load_causal_lm(student_dir)
             accuracies.append({"accuracy": exact_match_accuracy(student, tokenizer, queries, answers)})
-        table.append({"objective": name, "rlkd": with_rank, **_mean_rows(accuracies, ("accuracy",))})
+        table.append({"objective": name, "rlkd": with_rank, **mean_rows(accuracies, ("accuracy",))})
     teacher, tokenizer = load_causal_lm(teachers["arithmetic"])
     table.append({"objective": "teacher", "rlkd": False, "accuracy": exact_match_accuracy(teacher, tokenizer, queries, answers),
                   "accuracy_std": 0.0, "seeds": 1})

@@ -5,7 +5,7 @@ head, as distilled LLM students are commonly initialised) and is trained in full
 once, over ``train_records`` training and ``eval_records`` held-out records (:func:`split_records`), into a top-k
 cache (k = 32, enough for MOR@20); every student then reads the cache, so no teacher runs during
 training. Each base objective is trained without and with the ranking term, same data, same steps,
-same seed, and scored on the held-out records: perplexity, CR@1..5, MOR@3/5/10/20 (percent), with
+same seeds, and scored on the held-out records: perplexity, CR@1..5, MOR@3/5/10/20 (percent), with
 the teacher's own perplexity and the untrained student as reference rows.
 
 The ranking term's k follows the paper: 15 on plain text (Table 1), 5 on instruction data (Table 2).
@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kdforge.benchmarks.lm import METRIC_KEYS, plot_agreement
+from kdforge.benchmarks.lm import METRIC_KEYS, mean_rows, plot_agreement
 from kdforge.benchmarks.machine import describe_machine, machine_line
 from kdforge.benchmarks.steps import StepTimer, median_step_seconds
 from kdforge.config import parse_config
@@ -47,7 +47,7 @@ class RealPlan:
     eval_records: int = 100
     lr: float = 2e-4
     rlkd_weight: float = 2.0
-    seed: int = 0
+    seeds: int = 1  # each row's mean and spread over seeds 0..seeds-1 (the seed sets the batch order)
 
 
 def _passages(records: list[dict]) -> list[dict]:
@@ -77,7 +77,7 @@ def split_records(data: Path, eval_data: Path, train_count: int, eval_count: int
     return train, held_out
 
 
-def _run_config(out: Path, teacher: Path, plan: RealPlan, objective: dict) -> dict:
+def _run_config(out: Path, teacher: Path, plan: RealPlan, objective: dict, seed: int = 0) -> dict:
     return {
         "task": "lm",
         "teachers": [{"path": str(teacher), "name": "teacher"}],
@@ -86,7 +86,7 @@ def _run_config(out: Path, teacher: Path, plan: RealPlan, objective: dict) -> di
                  "max_length": plan.max_length},
         "objective": objective,
         "training": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr, "warmup_steps": 10,
-                     "seed": plan.seed, "eval_every": plan.steps, "checkpoint_every": plan.steps},
+                     "seed": seed, "eval_every": plan.steps, "checkpoint_every": plan.steps},
         "cache": {"dir": str(out / "cache"), "top_k": CACHE_TOP_K, "batch_size": 8},
     }
 
@@ -95,13 +95,10 @@ def _objective(name: str, with_rank: bool, rank_k: int, plan: RealPlan) -> dict:
     return {"name": name, **({"rlkd": {"k": rank_k, "weight": plan.rlkd_weight}} if with_rank else {})}
 
 
-def _row(objective: str, with_rank: bool, metrics: dict, **extra) -> dict:
-    """A held-out row in ``bench lm``'s layout (one seed: every spread is 0)."""
-    row = {"objective": objective, "rlkd": with_rank, "split": "heldout", "seeds": 1, **extra}
-    for key in METRIC_KEYS:
-        if key in metrics:
-            row[key], row[f"{key}_std"] = metrics[key], 0.0
-    return row
+def _row(objective: str, with_rank: bool, per_seed: list[dict]) -> dict:
+    """A held-out row in ``bench lm``'s layout: each metric's mean and spread over ``per_seed``."""
+    keys = tuple(key for key in (*METRIC_KEYS, "train_seconds") if key in per_seed[0])
+    return {"objective": objective, "rlkd": with_rank, "split": "heldout", **mean_rows(per_seed, keys)}
 
 
 def step_costs(out: Path, teacher: Path, plan: RealPlan, rank_k: int, repeats: int) -> dict:
@@ -152,19 +149,22 @@ def run(out: Path, data: Path, eval_data: Path, plan: RealPlan = RealPlan(), tea
     reference = LMTask(reference_config, out)
     teacher_model, _ = load_causal_lm(teacher)
     rows = [
-        _row("teacher", False, agreement_metrics(teacher_model, None, reference.eval_examples,
-                                                 reference.tokenizer.pad_token_id)),
-        _row("student_init", False, reference.evaluate()),
+        _row("teacher", False, [agreement_metrics(teacher_model, None, reference.eval_examples,
+                                                  reference.tokenizer.pad_token_id)]),
+        _row("student_init", False, [reference.evaluate()]),
     ]
     del teacher_model, reference
     overhead = step_costs(out, teacher, plan, rank_k, timing_repeats)
     for objective in plan.objectives:
         for with_rank in (False, True):
-            name = f"{objective}{'+r' if with_rank else ''}"
-            config = parse_config(_run_config(out, teacher, plan, _objective(objective, with_rank, rank_k, plan)))
-            result = train(config, out / "runs" / name)
-            rows.append(_row(objective, with_rank, result["eval"], train_seconds=result["train_seconds"]))
-            print(f"{name}: " + ", ".join(f"{k} {result['eval'][k]:.2f}" for k in METRIC_KEYS if k in result["eval"]))
+            per_seed = []
+            for seed in range(plan.seeds):
+                name = f"{objective}{'+r' if with_rank else ''}" + (f"-seed{seed}" if plan.seeds > 1 else "")
+                spec = _objective(objective, with_rank, rank_k, plan)
+                result = train(parse_config(_run_config(out, teacher, plan, spec, seed)), out / "runs" / name)
+                per_seed.append({**result["eval"], "train_seconds": result["train_seconds"]})
+                print(f"{name}: " + ", ".join(f"{k} {result['eval'][k]:.2f}" for k in METRIC_KEYS if k in result["eval"]))
+            rows.append(_row(objective, with_rank, per_seed))
     report = {"command": command, "machine": describe_machine(), "plan": asdict(plan),
               "teacher": str(teacher), "student_layers": layers, "data": {"train": str(data), "eval": str(eval_data),
                                                                      "train_records": len(train_records),
@@ -184,13 +184,13 @@ def to_markdown(report: dict) -> str:
              f"Teacher {report['teacher']}; student: its layers {report['student_layers']}, trained in full. "
              f"Data: {data['train_records']} {data['kind']} records of {data['train']}, held-out "
              f"{data['eval_records']} of {data['eval']}; {plan['steps']} steps x {plan['batch_size']} sequences "
-             f"of <= {plan['max_length']} tokens, lr {plan['lr']}, seed {plan['seed']}; RLKD k = {report['rlkd_k']}, "
+             f"of <= {plan['max_length']} tokens, lr {plan['lr']}, seeds {plan['seeds']} (mean ± std); RLKD k = {report['rlkd_k']}, "
              f"weight {plan['rlkd_weight']}; teacher top-{CACHE_TOP_K} cached once ({report['cache_seconds']:.0f} s). "
              f"Whole run: {report['seconds'] / 60:.0f} min.", "",
              "| model | ppl | CR@1 | CR@2 | CR@3 | CR@4 | CR@5 | MOR@3 | MOR@5 | MOR@10 | MOR@20 | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["heldout"]:
-        cells = " | ".join(f"{row[k]:.2f}" if k in row else "-" for k in METRIC_KEYS)
+        cells = " | ".join(f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if k in row else "-" for k in METRIC_KEYS)
         seconds = f"{row['train_seconds']:.0f}" if "train_seconds" in row else "-"
         lines.append(f"| {row['objective']}{' + R' if row['rlkd'] else ''} | {cells} | {seconds} |")
     lines += ["", f"Step (cached teacher, batch {plan['batch_size']}): KL {o['step_ms_base']:.0f} ms, KL + R "

@@ -54,6 +54,7 @@ def bench_lm_real(
                                       help="Training records (the first N of --data that are not held out)."),
     eval_records: int = typer.Option(RealPlan.eval_records, min=1, help="Held-out records (the last N of --eval)."),
     objectives: str = typer.Option(",".join(RealPlan.objectives), help="Base objectives, comma-separated."),
+    seeds: int = typer.Option(RealPlan.seeds, min=1, help="Seeds per row (they set the batch order): mean and spread."),
     teacher: Path = typer.Option(None, help="A causal-LM folder in place of SmolLM2-135M-Instruct."),
 ) -> None:
     """RLKD with a real teacher: each objective without and with the ranking term, CR@k, MOR@k, perplexity."""
@@ -65,10 +66,10 @@ def bench_lm_real(
         raise KdforgeError(f"--objectives: unknown objective {unknown[0] if unknown else '(none)'!r} "
                            f"(known: {', '.join(OBJECTIVES)})")
     plan = RealPlan(objectives=chosen, student_layers=layers, steps=steps, max_length=max_length,
-                    batch_size=batch_size, train_records=train_records, eval_records=eval_records)
+                    batch_size=batch_size, train_records=train_records, eval_records=eval_records, seeds=seeds)
     command = (f"kdforge bench lm-real --out DIR --data {data} --eval {eval_data} --steps {steps} --layers {layers} "
                f"--max-length {max_length} --batch-size {batch_size} --train-records {train_records} --eval-records {eval_records} "
-               f"--objectives {','.join(chosen)}" + (f" --teacher {teacher}" if teacher else ""))
+               f"--objectives {','.join(chosen)} --seeds {seeds}" + (f" --teacher {teacher}" if teacher else ""))
     report = lm_real.run(out, data, eval_data, plan, teacher=teacher, command=command)
     typer.echo(lm_real.to_markdown(report))
 

@@ -157,10 +157,9 @@ def run(out: Path, data: Path, eval_data: Path, plan: RealPlan = RealPlan(), tea
     overhead = step_costs(out, teacher, plan, rank_k, timing_repeats)
     for objective in plan.objectives:
         for with_rank in (False, True):
-            per_seed = []
+            spec, per_seed = _objective(objective, with_rank, rank_k, plan), []
             for seed in range(plan.seeds):
                 name = f"{objective}{'+r' if with_rank else ''}" + (f"-seed{seed}" if plan.seeds > 1 else "")
-                spec = _objective(objective, with_rank, rank_k, plan)
                 result = train(parse_config(_run_config(out, teacher, plan, spec, seed)), out / "runs" / name)
                 per_seed.append({**result["eval"], "train_seconds": result["train_seconds"]})
                 print(f"{name}: " + ", ".join(f"{k} {result['eval'][k]:.2f}" for k in METRIC_KEYS if k in result["eval"]))

@@ -205,10 +205,10 @@ class LMTask:
                 init_student(config.student.init_from, student_dir, config.student.layers,
                                        config.student.num_layers)
         self.student, self.tokenizer = load_causal_lm(student_dir)
-        cached = bool(config.teachers) and config.cache.dir is not None
+        reads_cache = bool(config.teachers) and config.cache.dir is not None
         self.teachers = []
         for teacher_config in config.teachers:
-            if cached:  # a cached run needs only the teacher's tokenizer and vocabulary size, not its weights
+            if reads_cache:  # a cached run needs only the teacher's tokenizer and vocabulary size, not its weights
                 teacher_model_config, teacher_tokenizer = load_vocabulary(teacher_config.path)
             else:
                 teacher, teacher_tokenizer = load_causal_lm(teacher_config.path)
@@ -221,7 +221,7 @@ class LMTask:
             self.student = add_lora(self.student, config.student.lora)
         splits = tokenised_splits(config, self.tokenizer)
         self.train_examples, self.eval_examples = splits["train"], splits["eval"]
-        self.cached = open_lm_cache(config, splits, self.tokenizer.pad_token_id) if cached else None
+        self.cached = open_lm_cache(config, splits, self.tokenizer.pad_token_id) if reads_cache else None
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """Collated training examples (:func:`collate`), plus ``teacher_topk`` (the cached ensemble's

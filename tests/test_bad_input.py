@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import soundfile
+import torch
 import yaml
 
 from kdforge.cli import main
@@ -120,6 +121,14 @@ def test_config_problems_name_the_key(earlier, kdforge_fails, tmp_path, override
 def test_an_output_folder_holding_a_finished_run_is_refused(earlier, kdforge_fails, options):
     message = kdforge_fails([*train_args(earlier.config, earlier.folder), *options])
     assert message == f"{earlier.folder} already holds a finished run; choose another --out"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU the case asks for")
+def test_a_gpu_asked_for_where_torch_sees_none_is_refused(earlier, kdforge_fails, tmp_path):
+    message = kdforge_fails(train_args(earlier.config, tmp_path / "run", "training.device=cuda"))
+    assert message == ("training.device is 'cuda' but torch sees no GPU (this torch build or machine has none); "
+                       "use 'cpu' or 'auto'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_debug_shows_the_traceback(earlier):

@@ -41,7 +41,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, mon
     from kdforge.errors import KdforgeError
     from kdforge.training import distributed
 
-    monkeypatch.setattr(distributed, "join", lambda: distributed.World(rank=0, size=3))
+    monkeypatch.setattr(distributed, "join", lambda device: distributed.World(rank=0, size=3))
     with pytest.raises(KdforgeError, match="batch_size 8 does not split into 3 processes x 1 micro-batches"):
         train(load_config(TINY_LM, SHORT), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()

@@ -144,6 +144,9 @@ class TrainingConfig(StrictModel):
     eval_every: int = Field(50, ge=1, description="Steps between evaluations (and at the end).")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints are kept.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the student (and any online teacher) "
+                                                   "trains: auto = a GPU when torch sees one (GPU LOCAL_RANK under "
+                                                   "a launcher), else the CPU.")
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> "TrainingConfig":

@@ -23,9 +23,10 @@ def spec_augment(features: Tensor, settings: SpecAugmentConfig, frames: Tensor |
         frames: ``(B,)`` real frames per utterance; None = all F.
     """
     batch, mels, total = features.shape
-    frames = torch.full((batch,), total) if frames is None else frames.clamp(1, total)
-    real = torch.arange(total) < frames[:, None]  # (B, F)
-    fill = (features * real[:, None, :]).sum(dim=(1, 2)) / (frames * mels)
+    # the bands are drawn on the CPU whatever the features' device: its generator is the one checkpoints keep
+    frames = torch.full((batch,), total) if frames is None else frames.cpu().clamp(1, total)
+    real = (torch.arange(total) < frames[:, None]).to(features.device)  # (B, F)
+    fill = (features * real[:, None, :]).sum(dim=(1, 2)) / (frames.to(features.device) * mels)
     masked = features.clone()
     for count, width, size, axis in ((settings.time_masks, settings.time_width, frames, 2),
                                      (settings.freq_masks, settings.freq_width, torch.full((batch,), mels), 1)):
@@ -35,6 +36,6 @@ def spec_augment(features: Tensor, settings: SpecAugmentConfig, frames: Tensor |
             starts = (torch.rand(batch) * (size - widths + 1)).long()
             positions = torch.arange(extent)
             band = (positions >= starts[:, None]) & (positions < (starts + widths)[:, None])  # (B, extent)
-            band = band[:, None, :] if axis == 2 else band[:, :, None]
+            band = (band[:, None, :] if axis == 2 else band[:, :, None]).to(features.device)
             masked = torch.where(band, fill[:, None, None], masked)
     return masked

@@ -10,6 +10,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from kdforge.data.arithmetic import extract_answer
+from kdforge.devices import device_of, to_device
 from kdforge.losses.reduction import masked_mean
 from kdforge.losses.sparse import Teacher, TopKTeacher
 from kdforge.metrics import token_nll, topk_consistency_rate, topk_overlap_rate
@@ -37,17 +38,18 @@ def agreement_metrics(student: torch.nn.Module, teacher: TeacherOf | None, examp
     """
     was_training = student.training
     student.eval()
+    device = device_of(student)
     sums: dict[str, float] = {}
     count = 0
     for start in range(0, len(examples), batch_size):
         indices = list(range(start, min(start + batch_size, len(examples))))
-        batch = collate([examples[i] for i in indices], pad_id)
+        batch = to_device(collate([examples[i] for i in indices], pad_id), device)
         mask = batch["target_mask"]
         n = int(mask.sum())
         logits = next_token_logits(student, batch)
         values = {"nll": float(masked_mean(token_nll(logits, batch["targets"]), mask))}
         if teacher is not None:
-            reference = teacher(indices, batch)
+            reference = to_device(teacher(indices, batch), device)
             kept = reference.k if isinstance(reference, TopKTeacher) else logits.shape[-1]
             values |= {f"cr@{k}": 100 * topk_consistency_rate(logits, reference, k, mask) for k in CR_KS if k <= kept}
             values |= {f"mor@{k}": 100 * topk_overlap_rate(logits, reference, k, mask) for k in MOR_KS if k <= kept}

@@ -87,7 +87,8 @@ class WhisperRecognizer:
         if uses_dynamic_window(self.model):
             positions = window_positions([-(-len(a) // self.extractor.hop_length) for a in batch], positions)
         with torch.inference_mode(), encoder_window(self.model, positions):
-            rows = self.model.generate(features[..., : 2 * positions].to(self.model.dtype), generation_config=config,
+            rows = self.model.generate(features[..., : 2 * positions].to(self.model.device, self.model.dtype),
+                                       generation_config=config,
                                        **self.prompt_options)
         return [row[:self.prompt_tokens + budget].tolist() for row, budget in zip(rows, budgets, strict=True)]
 
@@ -115,7 +116,8 @@ class CTCRecognizer:
 
         features, mask = stacked_log_mel(self.extractor, batch, self.frame_stack)
         with torch.inference_mode():
-            logits = self.model(input_features=features, attention_mask=mask.long()).logits
+            logits = self.model(input_features=features.to(self.model.device),
+                                attention_mask=mask.long().to(self.model.device)).logits.cpu()
         return greedy_ctc(logits, mask, self.tokenizer)
 
 

@@ -15,6 +15,7 @@ the pool-adjacent-violators solution, as in torchsort.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, NamedTuple
 
 import torch
@@ -182,7 +183,7 @@ def _teacher_scores(teacher: Teacher, ids: Tensor, vocab_size: int, rank_on: Ran
         match = ids.unsqueeze(-1) == teacher.indices.unsqueeze(-2)
         stored = (match * teacher.logprobs.unsqueeze(-2)).sum(-1)
         unseen = vocab_size - teacher.k
-        tail = teacher.tail_logprob - torch.log(torch.tensor(float(max(unseen, 1))))
+        tail = teacher.tail_logprob - math.log(max(unseen, 1))
         scores = torch.where(match.any(-1), stored, tail.unsqueeze(-1))
         return scores.exp() if rank_on == "probs" else scores
     if rank_on == "probs":

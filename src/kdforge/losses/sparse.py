@@ -72,6 +72,10 @@ class TopKTeacher:
             self.tail_logprob.reshape(-1)[selector],
         )
 
+    def to(self, device: torch.device | str) -> "TopKTeacher":
+        """The same teacher with its three tensors on ``device``."""
+        return TopKTeacher(self.indices.to(device), self.logprobs.to(device), self.tail_logprob.to(device))
+
 
 Teacher = Tensor | TopKTeacher
 

@@ -79,6 +79,10 @@ class WhisperTask:
         records, self.audio = read_training_audio(config.data.train, config.data.labelled)
         self.train_examples = [self._label_ids(r.transcription, r.path) for r in records]
 
+    def to(self, device: torch.device) -> None:
+        """Place the student on ``device`` (the loop moves each batch there)."""
+        self.student.to(device)
+
     def _load_student(self, work_dir: Path) -> None:
         """The student model, its processor and tokenizer, and the length of its decoder prompt."""
         self.student, self.processor = load_whisper(student_folder(self.config, work_dir), self.config.audio.audio_ctx)
@@ -187,6 +191,10 @@ class CTCTask:
             if len(audio) // hop < len(ids) + repeats:
                 raise KdforgeError(f"{record.path} is too short for its transcription at this model's frame rate "
                                    f"({len(audio) // hop} frames for {len(ids) + repeats} labels)")
+
+    def to(self, device: torch.device) -> None:
+        """Place the model on ``device`` (the loop moves each batch there)."""
+        self.student.to(device)
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """Log-mel ``(B, 80, F)`` with ``mel_mask`` ``(B, F)``, and padded character ``targets`` ``(B, L)``."""

@@ -141,6 +141,13 @@ class WhisperDistillationTask(WhisperTask):
         self.student.train()
         self.step = 0
 
+    def to(self, device: torch.device) -> None:
+        """Place the student, its projection heads and the teachers' weights on ``device``."""
+        super().to(device)
+        if self.heads is not None:
+            self.heads.to(device)
+        self.teacher_weights = self.teacher_weights.to(device)
+
     def teachers_used(self) -> dict[str, list[str]]:
         """Which teachers fed which term: ``targets`` (the ensemble's transcripts), ``logit``, ``lppm``."""
         return {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
@@ -228,8 +235,8 @@ class WhisperDistillationTask(WhisperTask):
     def _lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """The projection-mapping loss, and the InfoNCE term when the teacher maps are learned."""
         alignment = self.config.alignment
-        window = hidden_states[0].shape[1]
-        frames = torch.arange(window) < batch["encoder_frames"][:, None]
+        window, device = hidden_states[0].shape[1], hidden_states[0].device
+        frames = torch.arange(window, device=device) < batch["encoder_frames"][:, None]
         # Point-wise, the loss averages over frames of speech only and most of the window is padding:
         # mapping just those frames, as one row (1, N, .) of N points, leaves that average unchanged.
         select = (lambda states: states[frames][None]) if alignment.pointwise else (lambda states: states)
@@ -239,11 +246,11 @@ class WhisperDistillationTask(WhisperTask):
                                              for slot in range(len(self.student_layers))])
                                 for m, t in enumerate(self.mapped)])
         if alignment.pointwise:
-            mask = torch.ones(1, student.shape[2], dtype=torch.bool)
+            mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=device)
         else:
             student = torch.stack([pool_utterance(points, frames) for points in student])
             teachers = torch.stack([torch.stack([pool_utterance(points, frames) for points in layers]) for layers in teachers])
-            mask = torch.ones(frames.shape[0], 1, dtype=torch.bool)
+            mask = torch.ones(frames.shape[0], 1, dtype=torch.bool, device=device)
         loss = lppm_loss(student, teachers, mask, self.teacher_weights, target=alignment.target,
                          point_loss=alignment.point_loss, normalize=alignment.normalize)
         if alignment.teacher_map != "learned":

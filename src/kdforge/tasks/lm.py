@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from kdforge.data.lm import Record
+from kdforge.devices import device_of
 from kdforge.errors import KdforgeError
 from kdforge.losses.sparse import Teacher
 
@@ -178,7 +179,8 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                 torch.manual_seed(sampling.seed)
             for start in range(0, len(queries), batch_size):
                 prompts = [prompt_text(tokenizer, q) for q in queries[start : start + batch_size]]
-                encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                    device_of(model))
                 output = model.generate(**encoded, max_new_tokens=max_new_tokens, **decoding,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 answers += tokenizer.batch_decode(output[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
@@ -222,6 +224,12 @@ class LMTask:
         splits = tokenised_splits(config, self.tokenizer)
         self.train_examples, self.eval_examples = splits["train"], splits["eval"]
         self.cached = open_lm_cache(config, splits, self.tokenizer.pad_token_id) if reads_cache else None
+
+    def to(self, device: torch.device) -> None:
+        """Place the student and the online teachers on ``device`` (the loop moves each batch there)."""
+        self.student.to(device)
+        for teacher in self.teachers:
+            teacher.to(device)
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """Collated training examples (:func:`collate`), plus ``teacher_topk`` (the cached ensemble's

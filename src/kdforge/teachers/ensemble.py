@@ -19,7 +19,7 @@ def ensemble_logprobs(teacher_logits: list[Tensor], weights: list[float] | None 
     Returns:
         ``(..., V)`` float32 log-probabilities, usable wherever teacher logits are expected.
     """
-    weights = torch.tensor(weights or [1.0] * len(teacher_logits), dtype=torch.float32)
+    weights = torch.tensor(weights or [1.0] * len(teacher_logits), dtype=torch.float32, device=teacher_logits[0].device)
     log_weights = torch.log(weights / weights.sum())
     stacked = torch.stack([torch.log_softmax(t.float(), -1) + w for t, w in zip(teacher_logits, log_weights)])
     return torch.logsumexp(stacked, dim=0)
@@ -57,11 +57,10 @@ def ensemble_top_k(teachers: list[TopKTeacher], weights: list[float] | None = No
     kept = torch.zeros_like(ids).scatter_(-1, slot, ids)[..., :width]
     # fill with the smallest ids outside the union: ids 0..width-1 hold at least width - used of them,
     # and width <= V keeps every id inside the vocabulary
-    candidates = torch.arange(width).expand(*ids.shape[:-1], width)
+    candidates = torch.arange(width, device=ids.device).expand(*ids.shape[:-1], width)
     taken = (candidates[..., :, None] == ids[..., None, :]).any(-1)
     free = (taken.long() * width + candidates).sort(-1).values  # the free ids first, in order
-    positions = torch.arange(width).expand_as(kept)
+    positions = torch.arange(width, device=ids.device).expand_as(kept)
     indices = torch.where(positions < used, kept, free.gather(-1, (positions - used).clamp(min=0)))
-    floor = torch.tensor(LOG_FLOOR, dtype=torch.float64)
-    logprobs = torch.where(positions < used, merged.clamp(min=1e-300).log(), floor).clamp(min=LOG_FLOOR)
+    logprobs = torch.where(positions < used, merged.clamp(min=1e-300).log(), LOG_FLOOR).clamp(min=LOG_FLOOR)
     return TopKTeacher(indices, logprobs.float(), tail.clamp(min=1e-300).log().clamp(min=LOG_FLOOR).float())

@@ -100,7 +100,7 @@ def _optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for index, values in state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.contiguous()
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -146,7 +146,7 @@ def disk_error_reason(error: Exception) -> str:
 
 
 def _save_weights(folder: Path, trainable: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous() for k, v in trainable.items()}, folder / "trainable.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, folder / "trainable.safetensors")
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -7,9 +7,10 @@ gradient; every rank then steps the same optimizer on the same summed gradients 
 stay identical without being sent again. Rank 0 alone writes: the run folder, history,
 checkpoints (with every rank's random state), the exported student.
 
-Launchers set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; without them (or with
-one process) :func:`join` returns a world of one and nothing here communicates. Training runs on
-the CPU, so the backend is gloo.
+Launchers set ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; without
+them (or with one process) :func:`join` returns a world of one and nothing here communicates. Each
+process trains on its own device (``training.device``): GPU number ``LOCAL_RANK`` with the NCCL
+backend, or the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -39,7 +41,10 @@ class World:
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks, in place (unchanged in a world of one)."""
         if self.size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            on_device = tensor.to(self.device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            if on_device is not tensor:
+                tensor.copy_(on_device)
         return tensor
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
@@ -64,9 +69,10 @@ class World:
         """Every rank's ``tensor`` (same shape on each), in rank order."""
         if self.size == 1:
             return [tensor]
-        gathered = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(gathered, tensor.contiguous())
-        return gathered
+        on_device = tensor.to(self.device).contiguous()
+        gathered = [torch.empty_like(on_device) for _ in range(self.size)]
+        dist.all_gather(gathered, on_device)
+        return [part.to(tensor.device) for part in gathered]
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -83,22 +89,44 @@ class World:
             self.barrier()
 
 
-def join() -> World:
-    """This process's :class:`World`, joining the launcher's process group when there is one.
+def training_device(setting: str = "auto") -> torch.device:
+    """This process's device for ``training.device``: ``"cpu"``, ``"cuda"`` (GPU number ``LOCAL_RANK``),
+    or ``"auto"`` (a GPU when torch sees one, else the CPU).
 
     Raises:
-        KdforgeError: the launcher's variables are incomplete.
+        KdforgeError: a GPU is asked for and torch sees none, or fewer than ``LOCAL_RANK + 1``.
     """
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available():
+        raise KdforgeError("training.device is 'cuda' but torch sees no GPU (this torch build or machine has "
+                           "none); use 'cpu' or 'auto'")
+    if local_rank >= torch.cuda.device_count():
+        raise KdforgeError(f"process LOCAL_RANK={local_rank} needs GPU {local_rank}, but torch sees "
+                           f"{torch.cuda.device_count()}: start at most one process per GPU")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def join(device: str = "auto") -> World:
+    """This process's :class:`World` on its :func:`training_device`, joining the launcher's process group
+    when there is one (NCCL between GPUs, gloo between CPU processes).
+
+    Raises:
+        KdforgeError: the launcher's variables are incomplete, or the device cannot be had.
+    """
+    placed = training_device(device)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World(device=placed)
     if not dist.is_initialized():
         missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
         if missing:
             raise KdforgeError(f"WORLD_SIZE is {size} but {', '.join(missing)} is not set: start the processes "
                                "with torchrun or accelerate launch")
-        dist.init_process_group(backend="gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if placed.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), placed)
 
 
 def leave(world: World) -> None:

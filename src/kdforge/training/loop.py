@@ -18,6 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdforge.config import RunConfig
+from kdforge.devices import to_device
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
@@ -151,8 +152,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             checkpoint is kept).
     """
     out_dir = Path(out_dir)
-    world = distributed.join()
     settings = config.training
+    world = distributed.join(settings.device)
     if settings.batch_size % (world.size * settings.grad_accum):
         raise KdforgeError(f"training.batch_size {settings.batch_size} does not split into {world.size} processes x "
                            f"{settings.grad_accum} micro-batches (training.grad_accum)")
@@ -165,6 +166,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             if new_run:  # nothing was trained: leave the folder as it was, so a corrected config can use it
                 empty_run_folder(out_dir)
             raise
+    task.to(world.device)
     heads = getattr(task, "heads", None)  # training-only modules (projection heads): trained, never exported
     model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()
@@ -195,7 +197,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(task.train_examples), settings.batch_size, settings.seed)
             mine = indices[world.rank * rank_size : (world.rank + 1) * rank_size]
-            micro_batches = [task.batch(mine[i : i + micro_size]) for i in range(0, rank_size, micro_size)]
+            micro_batches = [to_device(task.batch(mine[i : i + micro_size]), world.device)
+                             for i in range(0, rank_size, micro_size)]
             batch_tokens = world.sum(torch.tensor(target_tokens(micro_batches)))
             optimizer.zero_grad(set_to_none=True)
             task.step = step  # loss weights with a warm-up read it

@@ -13,7 +13,7 @@ from kdforge.config import load_config
 from kdforge.training.loop import train
 
 TINY_LM = Path(__file__).parents[1] / "configs" / "tiny-lm.yaml"
-SHORT = ["training.steps=4", "training.checkpoint_every=100", "data.eval=null"]
+SHORT = ["training.steps=4", "training.checkpoint_every=100", "data.eval=null", "training.device=cpu"]  # gloo, as on any machine
 
 
 def test_two_processes_with_accumulation_reach_the_weights_of_one(tmp_path):

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,3 +44,18 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
+
+
+def test_a_run_resumes_on_another_device_setting_but_not_with_another_config(tmp_path):
+    from kdforge.config import load_config
+    from kdforge.errors import KdforgeError
+    from kdforge.training.checkpoint import claim_run_folder
+
+    config = load_config(TINY_LM, ["training.device=auto"])
+    assert claim_run_folder(tmp_path / "run", config, resume=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["training"]["device"]  # as runs started before the setting existed saved it
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert not claim_run_folder(tmp_path / "run", load_config(TINY_LM, ["training.device=cpu"]), resume=True)
+    with pytest.raises(KdforgeError, match="was started with another config"):
+        claim_run_folder(tmp_path / "run", load_config(TINY_LM, ["training.lr=0.5"]), resume=True)

@@ -11,7 +11,8 @@ def to_device(value, device: torch.device):
     if isinstance(value, dict):
         return {key: to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_device(item, device) for item in value)
+        moved = [to_device(item, device) for item in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)  # named tuples too
     return value.to(device) if hasattr(value, "to") else value
 
 

@@ -43,7 +43,7 @@ def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> bool:
         if not resume:
             raise KdforgeError(f"{out_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
         try:
-            same = json.loads(saved.read_text()) == config.model_dump(mode="json")
+            same = _resumable_settings(json.loads(saved.read_text())) == _resumable_settings(config.model_dump(mode="json"))
         except (OSError, json.JSONDecodeError):
             raise KdforgeError(f"{saved} is unreadable; this run cannot be resumed") from None
         if not same:
@@ -56,6 +56,11 @@ def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> bool:
     return True
 
 
+def _resumable_settings(config: dict) -> dict:
+    """What a resumed run must share with the run it continues: everything but the device it trains on."""
+    return {**config, "training": {k: v for k, v in config.get("training", {}).items() if k != "device"}}
+
+
 def empty_run_folder(out_dir: Path) -> None:
     """Remove what a new run wrote before it failed to start, so the same command can be retried."""
     for child in out_dir.iterdir():
@@ -63,10 +68,11 @@ def empty_run_folder(out_dir: Path) -> None:
 
 
 def rng_states(world: World) -> dict[str, torch.Tensor]:
-    """Every random generator training uses: torch's CPU one of every rank and, where present, each GPU's."""
+    """Every random generator training uses: torch's CPU one of every rank and, on GPUs, each rank's own GPU's."""
     states = {f"torch.rank{rank}": state for rank, state in enumerate(world.gather(torch.get_rng_state()))}
-    if torch.cuda.is_available():
-        states |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    if world.device.type == "cuda":
+        gpu_states = world.gather(torch.cuda.get_rng_state(world.device))
+        states |= {f"cuda.rank{rank}": state for rank, state in enumerate(gpu_states)}
     return states
 
 
@@ -76,9 +82,9 @@ def _restore_rng_states(states: dict[str, torch.Tensor], world: World, path: Pat
         raise KdforgeError(f"checkpoint {path} was written by {saved_ranks} training processes; resume it with "
                            f"{saved_ranks}, not {world.size}, to continue exactly")
     torch.set_rng_state(states[f"torch.rank{world.rank}"])
-    cuda = [states[name] for name in sorted(states) if name.startswith("cuda.")]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
+    gpu_state = states.get(f"cuda.rank{world.rank}")
+    if gpu_state is not None and world.device.type == "cuda":  # a GPU run resumed on the CPU has no GPU draws
+        torch.cuda.set_rng_state(gpu_state, world.device)
 
 
 def _flush_folder(folder: Path) -> None:

@@ -19,11 +19,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from kdforge.errors import KdforgeError
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ class World:
 
 def training_device(setting: str = "auto") -> torch.device:
     """This process's device for ``training.device``: ``"cpu"``, ``"cuda"`` (GPU number ``LOCAL_RANK``),
-    or ``"auto"`` (a GPU when torch sees one, else the CPU).
+    or ``"auto"`` (GPU number ``LOCAL_RANK`` when torch sees any GPU, else the CPU; one process per GPU
+    either way, never some processes on GPUs and others on the CPU).
 
     Raises:
         KdforgeError: a GPU is asked for and torch sees none, or fewer than ``LOCAL_RANK + 1``.
@@ -125,7 +130,8 @@ def join(device: str = "auto") -> World:
         if missing:
             raise KdforgeError(f"WORLD_SIZE is {size} but {', '.join(missing)} is not set: start the processes "
                                "with torchrun or accelerate launch")
-        dist.init_process_group(backend="nccl" if placed.type == "cuda" else "gloo")
+        # the other ranks wait while rank 0 builds a teacher cache or evaluates: NCCL's 10-minute default is too short
+        dist.init_process_group(backend="nccl" if placed.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return World(dist.get_rank(), dist.get_world_size(), placed)
 
 

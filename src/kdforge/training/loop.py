@@ -162,11 +162,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
         torch.manual_seed(settings.seed)
         try:
             task = build_task(config, out_dir)
+            task.to(world.device)
         except BaseException:
             if new_run:  # nothing was trained: leave the folder as it was, so a corrected config can use it
                 empty_run_folder(out_dir)
             raise
-    task.to(world.device)
     heads = getattr(task, "heads", None)  # training-only modules (projection heads): trained, never exported
     model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()

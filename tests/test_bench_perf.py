@@ -79,10 +79,10 @@ def test_a_configs_folder_without_the_recipe_is_named(tmp_path):
 
 
 def test_bench_lm_times_a_step_with_and_without_the_ranking_term(tmp_path):
-    from kdforge.benchmarks.lm import step_overhead
+    from kdforge.benchmarks.lm import QUICK, step_overhead
     from kdforge.models.builtin import builtin_folder
 
     teachers = {"web": builtin_folder("tiny-lm-teacher"), "tokenizer": builtin_folder("tiny-lm-tokenizer")}
-    timings = step_overhead(tmp_path, teachers, repeats=2)
+    timings = step_overhead(tmp_path, QUICK, teachers, repeats=2)
     assert timings["step_ms_base"] > 0 and timings["step_ms_rlkd"] > 0
     assert timings["rlkd_overhead_pct"] == pytest.approx(100 * (timings["step_ms_rlkd"] / timings["step_ms_base"] - 1))

@@ -1,9 +1,10 @@
 """``kdforge bench lm``: the RLKD paper's tables replicated on tiny models trained here.
 
-Two ~5M-parameter teachers are trained once by kdforge (cached under ``$KDFORGE_HOME/tiny-lm``):
-one on the built-in real-text corpus, one on the built-in arithmetic task. ~1M-parameter students
-(random initialisation, one per seed) are then distilled with each base objective, without and with
-the ranking term, and measured as the paper measures:
+Two ~5M-parameter teachers are trained once by kdforge (kept under ``$KDFORGE_HOME/tiny-lm``): one
+on the built-in real-text corpus, and that one fine-tuned on the built-in arithmetic task. In the full
+plan each is then cached once (top-k, :data:`CACHE_TOP_K`), and ~1M-parameter students (random
+initialisation, one per seed) are distilled from the caches with each base objective, without and
+with the ranking term, and measured as the paper measures:
 
 * Table 1 analogue (corpus): perplexity, CR@1..5, MOR@3/5/10/20 on training and held-out passages
   (RLKD k = 15);
@@ -55,6 +56,18 @@ class Plan:
     eval_passages: int
     eval_problems: int
     cache_teachers: bool  # worth it when the students read the training data several times over
+    rlkd_weight: float = 2.0  # the paper's
+    rank_on: str = "logits"  # the official code's
+
+    def ranked_run(self, name: str, seed: int) -> str:
+        """The run folder of a student trained with the ranking term (settings named unless the paper's)."""
+        weight = "" if self.rlkd_weight == 2.0 else f"-w{self.rlkd_weight:g}"
+        scores = "" if self.rank_on == "logits" else f"-{self.rank_on}"
+        return f"{name}{weight}{scores}-seed{seed}"
+
+    def ranking(self, k: int) -> dict:
+        """The ``objective.rlkd`` settings of a run with the ranking term."""
+        return {"k": k, "weight": self.rlkd_weight, "rank_on": self.rank_on}
 
 
 QUICK = Plan(("kl", "rkl", "tvd"), seeds=1, corpus_teacher_steps=400, task_teacher_steps=150, pretrain_steps=150,
@@ -111,8 +124,8 @@ def tiny_teachers(home: Path, plan: Plan) -> dict[str, Path]:
     budget under ``home/tiny-lm``.
 
     The arithmetic teacher is the corpus teacher fine-tuned on the task, as real teachers are pretrained
-    LMs fine-tuned on theirs: trained from random weights, 1,500 steps of 16 problems left it at 14%
-    exact match, unable to copy the question's numbers into its solution (docs/results-lm.md).
+    LMs fine-tuned on theirs. Trained from random weights on batches of 16 it mostly failed to copy the
+    question's numbers into its solution (15% exact match in the first quick run, docs/results-lm.md).
     """
     from kdforge.models.builtin import builtin_folder
 
@@ -164,8 +177,8 @@ def pretrain_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path])
         for with_rank in (False, True):
             per_seed = {split: [] for split in splits}
             for seed in range(plan.seeds):
-                spec = {"name": objective, **({"rlkd": {"k": PRETRAIN_K, "weight": 2.0}} if with_rank else {})}
-                name = f"{objective}{'+r' if with_rank else ''}-seed{seed}"
+                spec = {"name": objective, **({"rlkd": plan.ranking(PRETRAIN_K)} if with_rank else {})}
+                name = plan.ranked_run(f"{objective}+r", seed) if with_rank else f"{objective}-seed{seed}"
                 student_dir = _train_once(out / "runs" / f"pretrain-{plan.pretrain_steps}" / name, _run_config(
                     teachers["web"], _student_init(home, teachers["tokenizer"], seed), "builtin:web-text",
                     plan.pretrain_steps, spec, seed, 128, cache))
@@ -182,7 +195,7 @@ def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path
     problems = builtin_records("arithmetic-test")[: plan.eval_problems]
     queries = [p["query"] for p in problems]
     answers = [extract_answer(p["response"]) for p in problems]
-    rank = {"k": DOWNSTREAM_K, "weight": 2.0}
+    rank = plan.ranking(DOWNSTREAM_K)
     settings = [("sft", False, {"name": "none", "ce_weight": 1.0})]
     for objective in plan.objectives:
         settings += [(objective, False, {"name": objective}), (objective, True, {"name": objective, "rlkd": rank})]
@@ -193,7 +206,8 @@ def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path
         accuracies = []
         for seed in range(plan.seeds):
             teacher = None if name == "sft" else teachers["arithmetic"]
-            run = f"{name}{'+r' if with_rank and name != 'rank_only' else ''}-seed{seed}"
+            run = (plan.ranked_run(name if name == "rank_only" else f"{name}+r", seed) if with_rank
+                   else f"{name}-seed{seed}")
             student_dir = _train_once(out / "runs" / f"downstream-{plan.downstream_steps}" / run, _run_config(
                 teacher, _student_init(home, teachers["tokenizer"], seed), "builtin:arithmetic",
                 plan.downstream_steps, spec, seed, 96, cache if teacher else None))
@@ -248,6 +262,25 @@ def plot_agreement(pretrain: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def rlkd_gains(report: dict) -> list[dict]:
+    """Per base objective: what adding the ranking term changed, ``+ R`` minus without, on held-out
+    agreement (``cr@2..5``, ``mor@k``: higher is better) and downstream accuracy. A change counts as
+    ``"beyond spread"`` when it is larger than both rows' seed standard deviations (needs 2+ seeds)."""
+    gains = []
+    for objective in dict.fromkeys(r["objective"] for r in report["pretrain"]):
+        rows = {r["rlkd"]: r for r in report["pretrain"] if r["objective"] == objective and r["split"] == "heldout"}
+        tasks = {r["rlkd"]: r for r in report["downstream"] if r["objective"] == objective}
+        pairs = [(key, rows) for key in ("cr@2", "cr@3", "cr@4", "cr@5", *(f"mor@{k}" for k in MOR_KS))]
+        if len(tasks) == 2:
+            pairs.append(("accuracy", tasks))
+        for key, pair in pairs:
+            delta = pair[True][key] - pair[False][key]
+            spread = max(pair[True][f"{key}_std"], pair[False][f"{key}_std"])
+            gains.append({"objective": objective, "metric": key, "delta": delta, "spread": spread,
+                          "beyond_spread": pair[True]["seeds"] > 1 and abs(delta) > spread})
+    return gains
+
+
 def to_markdown(report: dict) -> str:
     lines = ["# RLKD on tiny models", "", f"Machine: {machine_line(report['machine'])}. Command: `{report['command']}`.",
              f"Seeds: {report['plan']['seeds']}; values are mean ± std over seeds; rates in percent.", "",
@@ -261,6 +294,16 @@ def to_markdown(report: dict) -> str:
     for r in report["downstream"]:
         label = r["objective"] + (" + R" if r["rlkd"] and r["objective"] != "rank_only" else "")
         lines.append(f"| {label} | {r['accuracy']:.1f} ± {r['accuracy_std']:.1f} |")
+    gains = rlkd_gains(report)
+    metrics = list(dict.fromkeys(g["metric"] for g in gains))
+    lines += ["", "## What the ranking term changed", "",
+              "+ R minus without, in points (held-out agreement; downstream accuracy); * where the change is "
+              "larger than both rows' seed standard deviations.", "",
+              "| objective | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for objective in dict.fromkeys(g["objective"] for g in gains):
+        cells = {g["metric"]: f"{g['delta']:+.2f}{'*' if g['beyond_spread'] else ''}" for g in gains
+                 if g["objective"] == objective}
+        lines.append(f"| {objective} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
     o = report["overhead"]
     lines += ["", "## Table 4 analogue: step time", "",
               f"KL step {o['step_ms_base']:.1f} ms, KL + R step {o['step_ms_rlkd']:.1f} ms "
@@ -271,11 +314,13 @@ def to_markdown(report: dict) -> str:
 
 
 def run(out: Path, seeds: int | None = None, quick: bool = False, home: Path | None = None,
-        command: str = "kdforge bench lm") -> dict:
-    """Run the benchmark into ``out`` (``lm.json``, ``lm.md``, ``lm_agreement.png``); cached runs are reused."""
+        command: str = "kdforge bench lm", objectives: tuple[str, ...] | None = None,
+        rlkd_weight: float | None = None, rank_on: str | None = None) -> dict:
+    """Run the benchmark into ``out`` (``lm.json``, ``lm.md``, ``lm_agreement.png``); finished runs in
+    ``out/runs`` are reused. ``seeds``, ``objectives``, ``rlkd_weight`` and ``rank_on`` replace the plan's."""
     plan = QUICK if quick else FULL
-    if seeds is not None:
-        plan = Plan(**{**plan.__dict__, "seeds": seeds})
+    changes = {"seeds": seeds, "objectives": objectives, "rlkd_weight": rlkd_weight, "rank_on": rank_on}
+    plan = Plan(**{**plan.__dict__, **{key: value for key, value in changes.items() if value is not None}})
     out, home = Path(out), kdforge_home(home)
     out.mkdir(parents=True, exist_ok=True)
     teachers = tiny_teachers(home, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -27,17 +28,44 @@ def bench_losses(
     typer.echo(loss_benchmark.to_markdown(report))
 
 
+class RankOn(str, Enum):
+    logits = "logits"
+    probs = "probs"
+
+
+def objective_names(text: str) -> tuple[str, ...]:
+    """``--objectives``: base objective names, comma-separated.
+
+    Raises:
+        KdforgeError: an unknown name, or none.
+    """
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in OBJECTIVES]
+    if unknown or not chosen:
+        raise KdforgeError(f"--objectives: unknown objective {unknown[0] if unknown else '(none)'!r} "
+                           f"(known: {', '.join(OBJECTIVES)})")
+    return chosen
+
+
 @app.command("lm")
 def bench_lm(
     out: Path = typer.Option(..., "--out", help="Folder for lm.json, lm.md and lm_agreement.png."),
     seeds: int = typer.Option(None, help="Seeds per row (default: 1 with --quick, else 3)."),
     quick: bool = typer.Option(False, help="kl, rkl, tvd only, one seed, shorter training (< 10 min)."),
+    objectives: str = typer.Option(None, help="Base objectives, comma-separated (default: the plan's)."),
+    rlkd_weight: float = typer.Option(None, min=0.0, help="Weight of the ranking term (default: 2, the paper's)."),
+    rank_on: RankOn = typer.Option(None, help="What the ranking term ranks (default: logits, the official code's)."),
 ) -> None:
     """RLKD's tables on tiny models: agreement (Table 1), accuracy (Table 2), step cost (Table 4)."""
     from kdforge.benchmarks import lm as lm_benchmark
 
-    command = "kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
-    report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command)
+    chosen = objective_names(objectives) if objectives else None
+    command = ("kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
+               + (f" --objectives {','.join(chosen)}" if chosen else "")
+               + (f" --rlkd-weight {rlkd_weight:g}" if rlkd_weight is not None else "")
+               + (f" --rank-on {rank_on.value}" if rank_on else ""))
+    report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command, objectives=chosen, rlkd_weight=rlkd_weight,
+                              rank_on=rank_on.value if rank_on else None)
     typer.echo(lm_benchmark.to_markdown(report))
 
 
@@ -60,11 +88,7 @@ def bench_lm_real(
     """RLKD with a real teacher: each objective without and with the ranking term, CR@k, MOR@k, perplexity."""
     from kdforge.benchmarks import lm_real
 
-    chosen = tuple(name.strip() for name in objectives.split(",") if name.strip())
-    unknown = [name for name in chosen if name not in OBJECTIVES]
-    if unknown or not chosen:
-        raise KdforgeError(f"--objectives: unknown objective {unknown[0] if unknown else '(none)'!r} "
-                           f"(known: {', '.join(OBJECTIVES)})")
+    chosen = objective_names(objectives)
     plan = RealPlan(objectives=chosen, student_layers=layers, steps=steps, max_length=max_length,
                     batch_size=batch_size, train_records=train_records, eval_records=eval_records, seeds=seeds)
     command = (f"kdforge bench lm-real --out DIR --data {data} --eval {eval_data} --steps {steps} --layers {layers} "

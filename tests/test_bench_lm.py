@@ -1,0 +1,24 @@
+"""``kdforge bench lm``'s verdict on the ranking term: a change counts only beyond the seed spread."""
+
+from kdforge.benchmarks.lm import METRIC_KEYS, rlkd_gains, to_markdown
+
+
+def pretrain_row(rlkd: bool, value: float, spread: float) -> dict:
+    return {"objective": "kl", "rlkd": rlkd, "split": "heldout", "seeds": 3, **{k: value for k in METRIC_KEYS},
+            **{f"{k}_std": spread for k in METRIC_KEYS}}
+
+
+def downstream_row(rlkd: bool, accuracy: float, spread: float) -> dict:
+    return {"objective": "kl", "rlkd": rlkd, "accuracy": accuracy, "accuracy_std": spread, "seeds": 3}
+
+
+def test_a_gain_counts_only_when_it_exceeds_both_rows_seed_spreads():
+    report = {"pretrain": [pretrain_row(False, 10.0, 1.0), pretrain_row(True, 12.0, 0.5)],
+              "downstream": [downstream_row(False, 20.0, 3.0), downstream_row(True, 21.0, 1.0)]}
+    gains = {g["metric"]: g for g in rlkd_gains(report)}
+    assert set(gains) == {"cr@2", "cr@3", "cr@4", "cr@5", "mor@3", "mor@5", "mor@10", "mor@20", "accuracy"}
+    assert gains["cr@2"]["delta"] == 2.0 and gains["cr@2"]["beyond_spread"]
+    assert gains["accuracy"]["delta"] == 1.0 and not gains["accuracy"]["beyond_spread"]
+    report |= {"machine": {"gpu": None, "cores": 2, "cpu": "test", "torch": "2.13.0"}, "command": "kdforge bench lm", "plan": {"seeds": 3, "cache_teachers": True},
+               "overhead": {"step_ms_base": 100.0, "step_ms_rlkd": 110.0, "rlkd_overhead_pct": 10.0}}
+    assert "| kl | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +1.00 |" in to_markdown(report)

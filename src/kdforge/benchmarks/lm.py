@@ -58,16 +58,18 @@ class Plan:
     cache_teachers: bool  # worth it when the students read the training data several times over
     rlkd_weight: float = 2.0  # the paper's
     rank_on: str = "logits"  # the official code's
+    rank_eps: float = 1.0  # the soft rank's regularisation strength (torchsort's default, the official code's)
 
     def ranked_run(self, name: str, seed: int) -> str:
         """The run folder of a student trained with the ranking term (settings named unless the paper's)."""
         weight = "" if self.rlkd_weight == 2.0 else f"-w{self.rlkd_weight:g}"
         scores = "" if self.rank_on == "logits" else f"-{self.rank_on}"
-        return f"{name}{weight}{scores}-seed{seed}"
+        eps = "" if self.rank_eps == 1.0 else f"-eps{self.rank_eps:g}"
+        return f"{name}{weight}{scores}{eps}-seed{seed}"
 
     def ranking(self, k: int) -> dict:
         """The ``objective.rlkd`` settings of a run with the ranking term."""
-        return {"k": k, "weight": self.rlkd_weight, "rank_on": self.rank_on}
+        return {"k": k, "weight": self.rlkd_weight, "rank_on": self.rank_on, "regularization_strength": self.rank_eps}
 
 
 QUICK = Plan(("kl", "rkl", "tvd"), seeds=1, corpus_teacher_steps=400, task_teacher_steps=150, pretrain_steps=150,
@@ -315,11 +317,13 @@ def to_markdown(report: dict) -> str:
 
 def run(out: Path, seeds: int | None = None, quick: bool = False, home: Path | None = None,
         command: str = "kdforge bench lm", objectives: tuple[str, ...] | None = None,
-        rlkd_weight: float | None = None, rank_on: str | None = None) -> dict:
+        rlkd_weight: float | None = None, rank_on: str | None = None, rank_eps: float | None = None) -> dict:
     """Run the benchmark into ``out`` (``lm.json``, ``lm.md``, ``lm_agreement.png``); finished runs in
-    ``out/runs`` are reused. ``seeds``, ``objectives``, ``rlkd_weight`` and ``rank_on`` replace the plan's."""
+    ``out/runs`` are reused. ``seeds``, ``objectives``, ``rlkd_weight``, ``rank_on`` and ``rank_eps`` replace
+    the plan's."""
     plan = QUICK if quick else FULL
-    changes = {"seeds": seeds, "objectives": objectives, "rlkd_weight": rlkd_weight, "rank_on": rank_on}
+    changes = {"seeds": seeds, "objectives": objectives, "rlkd_weight": rlkd_weight, "rank_on": rank_on,
+               "rank_eps": rank_eps}
     plan = Plan(**{**plan.__dict__, **{key: value for key, value in changes.items() if value is not None}})
     out, home = Path(out), kdforge_home(home)
     out.mkdir(parents=True, exist_ok=True)

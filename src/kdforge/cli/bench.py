@@ -55,6 +55,7 @@ def bench_lm(
     objectives: str = typer.Option(None, help="Base objectives, comma-separated (default: the plan's)."),
     rlkd_weight: float = typer.Option(None, min=0.0, help="Weight of the ranking term (default: 2, the paper's)."),
     rank_on: RankOn = typer.Option(None, help="What the ranking term ranks (default: logits, the official code's)."),
+    rank_eps: float = typer.Option(None, min=1e-6, help="The soft rank's regularisation strength (default: 1)."),
 ) -> None:
     """RLKD's tables on tiny models: agreement (Table 1), accuracy (Table 2), step cost (Table 4)."""
     from kdforge.benchmarks import lm as lm_benchmark
@@ -63,9 +64,10 @@ def bench_lm(
     command = ("kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
                + (f" --objectives {','.join(chosen)}" if chosen else "")
                + (f" --rlkd-weight {rlkd_weight:g}" if rlkd_weight is not None else "")
-               + (f" --rank-on {rank_on.value}" if rank_on else ""))
+               + (f" --rank-on {rank_on.value}" if rank_on else "")
+               + (f" --rank-eps {rank_eps:g}" if rank_eps is not None else ""))
     report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command, objectives=chosen, rlkd_weight=rlkd_weight,
-                              rank_on=rank_on.value if rank_on else None)
+                              rank_on=rank_on.value if rank_on else None, rank_eps=rank_eps)
     typer.echo(lm_benchmark.to_markdown(report))
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import get_args
 
 import typer
 
 from kdforge.benchmarks import losses as loss_benchmark
 from kdforge.benchmarks.lm_real import RealPlan
-from kdforge.losses import OBJECTIVES
+from kdforge.losses import OBJECTIVES, ranking
 from kdforge.errors import KdforgeError
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: each writes DIR/<name>.json and DIR/<name>.md.")
@@ -28,9 +29,8 @@ def bench_losses(
     typer.echo(loss_benchmark.to_markdown(report))
 
 
-class RankOn(str, Enum):
-    logits = "logits"
-    probs = "probs"
+#: ``--rank-on``'s choices: the ranking term's own (typer needs an Enum).
+RankOn = Enum("RankOn", {name: name for name in get_args(ranking.RankOn)}, type=str)
 
 
 def objective_names(text: str) -> tuple[str, ...]:

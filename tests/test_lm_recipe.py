@@ -65,6 +65,37 @@ def test_cross_entropy_equals_a_hand_computed_sum(tiny_lm, tmp_path):
     assert loss.item() == pytest.approx(nll / count, rel=1e-5)
 
 
+def test_the_base_and_ranking_weights_rise_over_their_warm_ups(tiny_lm, tmp_path):
+    from kdforge.tasks.lm import LMTask
+
+    config = config_for(tiny_lm)
+    config.objective = config.objective.model_copy(update={
+        "warmup_steps": 4, "rlkd": config.objective.rlkd.model_copy(update={"warmup_steps": 8})})
+    task = LMTask(config, tmp_path)
+    batch = task.batch([0, 1, 2])
+    totals = {}
+    for step in (0, 2, 8):
+        task.step = step
+        totals[step], terms = task.loss(batch)
+        assert set(terms) == ({"ce"} if step == 0 else {"ce", "kd", "rank"})  # a term at weight 0 is not computed
+    ce, kd, rank = (terms[name].item() for name in ("ce", "kd", "rank"))
+    rlkd_weight = config.objective.rlkd.weight
+    assert totals[0].item() == pytest.approx(0.5 * ce, rel=1e-5)  # only the labels' term before the warm-ups
+    assert totals[2].item() == pytest.approx(0.5 * ce + 0.5 * kd + 0.25 * rlkd_weight * rank, rel=1e-5)
+    assert totals[8].item() == pytest.approx(0.5 * ce + kd + rlkd_weight * rank, rel=1e-5)
+
+
+def test_each_terms_gradient_norm_is_its_own():
+    from kdforge.training.objective import term_gradient_norms
+
+    weights, unused = torch.tensor([3.0, -4.0], requires_grad=True), torch.ones(2, requires_grad=True)
+    bias = torch.tensor([1.0], requires_grad=True)
+    terms = {"linear": (2 * weights).sum() + bias.sum(), "square": (weights**2).sum()}
+    norms = term_gradient_norms(terms, [weights, unused, bias])
+    assert norms["linear"] == pytest.approx(3.0)  # |(2, 2, 1)|
+    assert norms["square"] == pytest.approx(10.0)  # |2 * (3, -4)|
+
+
 def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     seen = [i for step in range(5) for i in batch_indices(step, 10, 2, seed=7)]
     assert sorted(seen) == list(range(10))

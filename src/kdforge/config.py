@@ -84,6 +84,7 @@ class RLKDConfig(StrictModel):
     dynamic: bool = Field(False, description="Weight each position's base loss by its top-k overlap (paper Eq. 2).")
     regularization_strength: float = Field(1.0, gt=0, description="Soft-rank eps.")
     rank_on: Literal["logits", "probs"] = Field("logits", description="Rank raw logits (official code) or probabilities.")
+    warmup_steps: int = Field(0, ge=0, description="Steps over which the ranking term's weight rises linearly from 0.")
 
 
 class ObjectiveConfig(StrictModel):

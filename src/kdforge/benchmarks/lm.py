@@ -3,7 +3,8 @@
 Two ~5M-parameter teachers are trained once by kdforge (kept under ``$KDFORGE_HOME/tiny-lm``): one
 on the built-in real-text corpus, and that one fine-tuned on the built-in arithmetic task. In the full
 plan each is then cached once (top-k, :data:`CACHE_TOP_K`), and ~1M-parameter students (random
-initialisation, one per seed) are distilled from the caches with each base objective, without and
+initialisation, one per seed, first trained by language modelling on the corpus as the paper's
+TinyLlama student was pretrained) are distilled from the caches with each base objective, without and
 with the ranking term, and measured as the paper measures:
 
 * Table 1 analogue (corpus): perplexity, CR@1..5, MOR@3/5/10/20 on training and held-out passages
@@ -56,6 +57,7 @@ class Plan:
     eval_passages: int
     eval_problems: int
     cache_teachers: bool  # worth it when the students read the training data several times over
+    student_lm_steps: int  # batches of 8 passages of language modelling before distillation; 0 = random students
     rlkd_weight: float = 2.0  # the paper's
     rank_on: str = "logits"  # the official code's
     rank_eps: float = 1.0  # the soft rank's regularisation strength (torchsort's default, the official code's)
@@ -71,11 +73,17 @@ class Plan:
         """The ``objective.rlkd`` settings of a run with the ranking term."""
         return {"k": k, "weight": self.rlkd_weight, "rank_on": self.rank_on, "regularization_strength": self.rank_eps}
 
+    def runs_folder(self, table: str, steps: int) -> str:
+        """The folder of one table's student runs, named after how the students start."""
+        start = f"-from-lm-{self.student_lm_steps}" if self.student_lm_steps else ""
+        return f"{table}-{steps}{start}"
+
 
 QUICK = Plan(("kl", "rkl", "tvd"), seeds=1, corpus_teacher_steps=400, task_teacher_steps=150, pretrain_steps=150,
-             downstream_steps=200, eval_passages=100, eval_problems=200, cache_teachers=False)
+             downstream_steps=200, eval_passages=100, eval_problems=200, cache_teachers=False, student_lm_steps=150)
 FULL = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, corpus_teacher_steps=1500, task_teacher_steps=1600,
-            pretrain_steps=400, downstream_steps=400, eval_passages=200, eval_problems=300, cache_teachers=True)
+            pretrain_steps=400, downstream_steps=400, eval_passages=200, eval_problems=300, cache_teachers=True,
+            student_lm_steps=400)
 
 
 def _run_config(teacher: Path | None, student: Path, data: str, steps: int, objective: dict, seed: int,
@@ -154,6 +162,23 @@ def _student_init(home: Path, tokenizer_dir: Path, seed: int) -> Path:
     return path
 
 
+def starting_student(home: Path, plan: Plan, tokenizer_dir: Path, seed: int) -> Path:
+    """Seed ``seed``'s student before distillation: random, or trained by language modelling on the corpus
+    (labels only, once per seed under ``home/tiny-lm``).
+
+    From random weights the ranking term hurt every objective (docs/results-lm.md): a random student's
+    top-k shares no id with the teacher's, so the term starts near its maximum with a gradient many times
+    the base objective's. The paper distils into a pretrained student (TinyLlama), whose top-k already
+    overlaps the teacher's.
+    """
+    initial = _student_init(home, tokenizer_dir, seed)
+    if not plan.student_lm_steps:
+        return initial
+    language_modelling = _run_config(None, initial, "builtin:web-text", plan.student_lm_steps,
+                                     {"name": "none", "ce_weight": 1.0}, seed, 128)
+    return _train_once(home / "tiny-lm" / f"student-web-{plan.student_lm_steps}-seed{seed}", language_modelling)
+
+
 def mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
     """Mean and standard deviation over seeds of each metric."""
     summary = {"seeds": len(rows)}
@@ -181,8 +206,8 @@ def pretrain_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path])
             for seed in range(plan.seeds):
                 spec = {"name": objective, **({"rlkd": plan.ranking(PRETRAIN_K)} if with_rank else {})}
                 name = plan.ranked_run(f"{objective}+r", seed) if with_rank else f"{objective}-seed{seed}"
-                student_dir = _train_once(out / "runs" / f"pretrain-{plan.pretrain_steps}" / name, _run_config(
-                    teachers["web"], _student_init(home, teachers["tokenizer"], seed), "builtin:web-text",
+                student_dir = _train_once(out / "runs" / plan.runs_folder("pretrain", plan.pretrain_steps) / name, _run_config(
+                    teachers["web"], starting_student(home, plan, teachers["tokenizer"], seed), "builtin:web-text",
                     plan.pretrain_steps, spec, seed, 128, cache))
                 student, _ = load_causal_lm(student_dir)
                 for split, examples in splits.items():
@@ -210,8 +235,8 @@ def downstream_table(out: Path, home: Path, plan: Plan, teachers: dict[str, Path
             teacher = None if name == "sft" else teachers["arithmetic"]
             run = (plan.ranked_run(name if name == "rank_only" else f"{name}+r", seed) if with_rank
                    else f"{name}-seed{seed}")
-            student_dir = _train_once(out / "runs" / f"downstream-{plan.downstream_steps}" / run, _run_config(
-                teacher, _student_init(home, teachers["tokenizer"], seed), "builtin:arithmetic",
+            student_dir = _train_once(out / "runs" / plan.runs_folder("downstream", plan.downstream_steps) / run, _run_config(
+                teacher, starting_student(home, plan, teachers["tokenizer"], seed), "builtin:arithmetic",
                 plan.downstream_steps, spec, seed, 96, cache if teacher else None))
             student, tokenizer = load_causal_lm(student_dir)
             accuracies.append({"accuracy": exact_match_accuracy(student, tokenizer, queries, answers)})
@@ -235,6 +260,33 @@ def step_overhead(home: Path, plan: Plan, teachers: dict[str, Path], repeats: in
     timings = {key: 1000 * seconds for key, seconds in median_step_seconds(timers, repeats, warmup=2).items()}
     timings["rlkd_overhead_pct"] = 100 * (timings["step_ms_rlkd"] / timings["step_ms_base"] - 1)
     return timings
+
+
+def gradient_balance(home: Path, plan: Plan, teachers: dict[str, Path]) -> list[dict]:
+    """How hard the ranking term pulls against each base objective on a student about to be distilled on the
+    corpus: both terms' gradient norms on the first training batch of seed 0, and the weighted ratio
+    ``rlkd_weight * |grad L_rank| / |grad L_base|``, for a random student and for the plan's starting one."""
+    from kdforge.tasks.lm import LMTask
+    from kdforge.training.objective import term_gradient_norms
+
+    starts = {"random": _student_init(home, teachers["tokenizer"], 0)}
+    if plan.student_lm_steps:
+        starts[f"lm-{plan.student_lm_steps}"] = starting_student(home, plan, teachers["tokenizer"], 0)
+    rows = []
+    for start, student in starts.items():
+        configs = [parse_config(_run_config(teachers["web"], student, "builtin:web-text", 1,
+                                            {"name": objective, "rlkd": plan.ranking(PRETRAIN_K)}, 0, 128,
+                                            teacher_cache(home, plan, teachers, "web"))) for objective in plan.objectives]
+        task = LMTask(configs[0], home / "tiny-lm")  # one task per student: only the objective changes
+        batch = task.batch(list(range(8)))
+        for objective, config in zip(plan.objectives, configs):
+            task.config = config
+            _, terms = task.loss(batch)
+            norms = term_gradient_norms(terms, [p for p in task.student.parameters() if p.requires_grad])
+            rows.append({"start": start, "objective": objective, "base_grad_norm": norms["kd"],
+                         "rank_grad_norm": norms["rank"], "rank_loss": float(terms["rank"]),
+                         "weighted_ratio": plan.rlkd_weight * norms["rank"] / norms["kd"]})
+    return rows
 
 
 def plot_agreement(pretrain: list[dict], path: Path) -> None:
@@ -283,9 +335,17 @@ def rlkd_gains(report: dict) -> list[dict]:
     return gains
 
 
+def student_start(plan: dict) -> str:
+    """How a report's students started, in words."""
+    steps = plan.get("student_lm_steps", 0)
+    return (f"from {steps} steps of language modelling on the corpus (batches of 8 passages)" if steps
+            else "from random weights")
+
+
 def to_markdown(report: dict) -> str:
     lines = ["# RLKD on tiny models", "", f"Machine: {machine_line(report['machine'])}. Command: `{report['command']}`.",
-             f"Seeds: {report['plan']['seeds']}; values are mean ± std over seeds; rates in percent.", "",
+             f"Seeds: {report['plan']['seeds']}; values are mean ± std over seeds; rates in percent.",
+             f"Students start {student_start(report['plan'])}.", "",
              "## Table 1 analogue: distillation on the corpus", "",
              "| objective | split | ppl | CR@1 | CR@2 | CR@3 | CR@4 | CR@5 | MOR@3 | MOR@5 | MOR@10 | MOR@20 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -306,6 +366,13 @@ def to_markdown(report: dict) -> str:
         cells = {g["metric"]: f"{g['delta']:+.2f}{'*' if g['beyond_spread'] else ''}" for g in gains
                  if g["objective"] == objective}
         lines.append(f"| {objective} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
+    if "gradients" in report:
+        lines += ["", "## How hard the ranking term pulls at the start", "",
+                  "Gradient norms on the first corpus batch of seed 0, before any distillation step; ratio = "
+                  "rlkd weight x |grad rank| / |grad base|.", "",
+                  "| student | objective | base grad norm | rank grad norm | rank loss | ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['start']} | {r['objective']} | {r['base_grad_norm']:.4f} | {r['rank_grad_norm']:.4f} | "
+                  f"{r['rank_loss']:.3f} | {r['weighted_ratio']:.1f} |" for r in report["gradients"]]
     o = report["overhead"]
     lines += ["", "## Table 4 analogue: step time", "",
               f"KL step {o['step_ms_base']:.1f} ms, KL + R step {o['step_ms_rlkd']:.1f} ms "
@@ -315,22 +382,20 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: Path, seeds: int | None = None, quick: bool = False, home: Path | None = None,
-        command: str = "kdforge bench lm", objectives: tuple[str, ...] | None = None,
-        rlkd_weight: float | None = None, rank_on: str | None = None, rank_eps: float | None = None) -> dict:
+def run(out: Path, quick: bool = False, home: Path | None = None, command: str = "kdforge bench lm",
+        **plan_changes) -> dict:
     """Run the benchmark into ``out`` (``lm.json``, ``lm.md``, ``lm_agreement.png``); finished runs in
-    ``out/runs`` are reused. ``seeds``, ``objectives``, ``rlkd_weight``, ``rank_on`` and ``rank_eps`` replace
-    the plan's."""
+    ``out/runs`` are reused. ``plan_changes`` (``seeds=3``, ``objectives=("jsd",)``, ``rlkd_weight``,
+    ``rank_on``, ``rank_eps``, ``student_lm_steps``...) replace the plan's fields; None keeps a field."""
     plan = QUICK if quick else FULL
-    changes = {"seeds": seeds, "objectives": objectives, "rlkd_weight": rlkd_weight, "rank_on": rank_on,
-               "rank_eps": rank_eps}
-    plan = Plan(**{**plan.__dict__, **{key: value for key, value in changes.items() if value is not None}})
+    plan = Plan(**{**plan.__dict__, **{key: value for key, value in plan_changes.items() if value is not None}})
     out, home = Path(out), kdforge_home(home)
     out.mkdir(parents=True, exist_ok=True)
     teachers = tiny_teachers(home, plan)
     report = {"command": command, "plan": plan.__dict__, "machine": describe_machine(),
               "pretrain": pretrain_table(out, home, plan, teachers),
               "downstream": downstream_table(out, home, plan, teachers),
+              "gradients": gradient_balance(home, plan, teachers),
               "overhead": step_overhead(home, plan, teachers)}
     (out / "lm.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_agreement(report["pretrain"], out / "lm_agreement.png")

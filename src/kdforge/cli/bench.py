@@ -56,6 +56,9 @@ def bench_lm(
     rlkd_weight: float = typer.Option(None, min=0.0, help="Weight of the ranking term (default: 2, the paper's)."),
     rank_on: RankOn = typer.Option(None, help="What the ranking term ranks (default: logits, the official code's)."),
     rank_eps: float = typer.Option(None, min=1e-6, help="The soft rank's regularisation strength (default: 1)."),
+    student_lm_steps: int = typer.Option(None, min=0, help="Steps of language modelling on the corpus that each "
+                                         "student takes before distillation; 0 = random students (default: 400, "
+                                         "150 with --quick)."),
 ) -> None:
     """RLKD's tables on tiny models: agreement (Table 1), accuracy (Table 2), step cost (Table 4)."""
     from kdforge.benchmarks import lm as lm_benchmark
@@ -65,9 +68,11 @@ def bench_lm(
                + (f" --objectives {','.join(chosen)}" if chosen else "")
                + (f" --rlkd-weight {rlkd_weight:g}" if rlkd_weight is not None else "")
                + (f" --rank-on {rank_on.value}" if rank_on else "")
-               + (f" --rank-eps {rank_eps:g}" if rank_eps is not None else ""))
-    report = lm_benchmark.run(out, seeds=seeds, quick=quick, command=command, objectives=chosen, rlkd_weight=rlkd_weight,
-                              rank_on=rank_on.value if rank_on else None, rank_eps=rank_eps)
+               + (f" --rank-eps {rank_eps:g}" if rank_eps is not None else "")
+               + (f" --student-lm-steps {student_lm_steps}" if student_lm_steps is not None else ""))
+    report = lm_benchmark.run(out, quick=quick, command=command, seeds=seeds, objectives=chosen,
+                              rlkd_weight=rlkd_weight, rank_on=rank_on.value if rank_on else None, rank_eps=rank_eps,
+                              student_lm_steps=student_lm_steps)
     typer.echo(lm_benchmark.to_markdown(report))
 
 

@@ -110,11 +110,6 @@ def same_vocabulary(student_tokenizer, model_dir: str | Path) -> bool:
         return False
 
 
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    """A weight factor rising linearly from 0 at step 0 to 1 at ``warmup_steps``."""
-    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
-
-
 class WhisperDistillationTask(WhisperTask):
     """A Whisper student (optionally built from a teacher's layers, optionally LoRA) distilled from the cache."""
 
@@ -213,16 +208,14 @@ class WhisperDistillationTask(WhisperTask):
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         from kdforge.data.augment import spec_augment
-        from kdforge.training.objective import token_loss_terms
+        from kdforge.training.objective import linear_warmup, token_loss_terms, warmed_objective
 
         features = batch["features"]
         if self.config.audio.spec_augment is not None and self.student.training:
             features = spec_augment(features, self.config.audio.spec_augment, batch["frames"])
         output = self.forward(features, batch["inputs"], hidden_states=bool(self.mapped))
-        objective = self.config.objective
-        warmed = objective.model_copy(update={"weight": objective.weight * linear_warmup(self.step, objective.warmup_steps)})
         total, terms = token_loss_terms(output.logits, batch.get("teacher_topk"), batch["targets"],
-                                        batch["target_mask"], warmed)
+                                        batch["target_mask"], warmed_objective(self.config.objective, self.step))
         if self.mapped:
             alignment = self.config.alignment
             terms["lppm"], extra = self._lppm(output.encoder_hidden_states, batch)

@@ -200,6 +200,7 @@ class LMTask:
         from kdforge.student.lora import add_lora
 
         self.config = config
+        self.step = 0  # the loop sets it; the loss weights' warm-ups read it
         student_dir = config.student.path
         if student_dir is None:
             student_dir = work_dir / "student-init"
@@ -252,11 +253,11 @@ class LMTask:
         return ensemble_logprobs([next_token_logits(t, batch) for t in self.teachers], self.teacher_weights)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        from kdforge.training.objective import token_loss_terms
+        from kdforge.training.objective import token_loss_terms, warmed_objective
 
         student_logits = next_token_logits(self.student, batch)
         return token_loss_terms(student_logits, self.teacher(batch), batch["targets"],
-                                batch["target_mask"], self.config.objective)
+                                batch["target_mask"], warmed_objective(self.config.objective, self.step))
 
     def export(self, out_dir: Path, model: torch.nn.Module) -> None:
         """A plain Hugging Face causal-LM directory with the tokenizer."""

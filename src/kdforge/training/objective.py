@@ -17,6 +17,20 @@ from kdforge.losses.sparse import Teacher
 from kdforge.metrics import token_nll
 
 
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """A weight factor rising linearly from 0 at step 0 to 1 at ``warmup_steps``."""
+    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+
+
+def warmed_objective(objective: ObjectiveConfig, step: int) -> ObjectiveConfig:
+    """The objective at training step ``step``: the base and ranking weights scaled by their warm-ups."""
+    update = {"weight": objective.weight * linear_warmup(step, objective.warmup_steps)}
+    if objective.rlkd is not None:
+        rlkd = objective.rlkd
+        update["rlkd"] = rlkd.model_copy(update={"weight": rlkd.weight * linear_warmup(step, rlkd.warmup_steps)})
+    return objective.model_copy(update=update)
+
+
 def token_loss_terms(student_logits: Tensor, teacher: Teacher | None, targets: Tensor, mask: Tensor,
                      objective: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """The total loss and its unweighted terms for one batch of next-token predictions.
@@ -48,3 +62,19 @@ def token_loss_terms(student_logits: Tensor, teacher: Teacher | None, targets: T
         terms |= {name: value for name, value in (("kd", combined.base), ("rank", combined.rank)) if value is not None}
         total = total + combined.total
     return total, terms
+
+
+def term_gradient_norms(terms: dict[str, Tensor], parameters: list[Tensor]) -> dict[str, float]:
+    """The L2 norm of each loss term's gradient over ``parameters``: how hard each term pulls before its weight.
+
+    Args:
+        terms: scalar loss terms of one forward pass (e.g. the ``terms`` of :func:`token_loss_terms`).
+        parameters: the trainable tensors; the forward graph is kept, so the terms can be differentiated
+            one after another.
+    """
+    norms = {}
+    for name, value in terms.items():
+        gradients = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in gradients if g is not None])))
+    return norms

@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from hypothesis import settings
 
 WINDOW_SECONDS = 2
+
+# The same examples on every run: a property test that fails in CI fails the same way on a laptop.
+settings.register_profile("kdforge", derandomize=True)
+settings.load_profile("kdforge")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -66,7 +66,8 @@ logit_arrays = st.integers(0, 10_000).map(lambda seed: (random_logits(2, 4, 12, 
 def test_nonnegative_and_zero_iff_equal(pair, name, temperature):
     student, teacher = pair
     assert loss(name, student, teacher, temperature=temperature).item() > 1e-4
-    assert loss(name, teacher + 5.0, teacher, temperature=temperature).item() == pytest.approx(0.0, abs=1e-6)
+    # float32 rounding of the divergence, scaled by T^2 like the loss itself
+    assert loss(name, teacher + 5.0, teacher, temperature=temperature).item() == pytest.approx(0.0, abs=1e-6 * temperature**2)
 
 
 @settings(max_examples=20, deadline=None)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kdforge.data.audio import read_metadata
+from kdforge.data.audio import load_audio, read_metadata
 from kdforge.errors import KdforgeError
 from kdforge.evaluation import ensemble
 from kdforge.evaluation.ensemble import disagreement, evaluate_ensemble, minimum_bayes_risk
@@ -28,25 +28,25 @@ def test_disagreement_counts_differences_among_errors():
 
 
 class FixedRecognizer:
-    """Answers the reference except on the utterances it is told to get wrong."""
+    """Answers the reference except on the utterances it is told to get wrong (known by their audio)."""
 
     sampling_rate = 16_000
 
-    def __init__(self, references, wrong):
-        self.answers = [("zzz " + text) if index in wrong else text for index, text in enumerate(references)]
-        self.position = 0
+    def __init__(self, records, wrong):
+        self.answers = {load_audio(record.path, self.sampling_rate).tobytes():
+                        ("zzz " + record.transcription) if index in wrong else record.transcription
+                        for index, record in enumerate(records)}
 
     def transcribe(self, batch):
-        out = self.answers[self.position : self.position + len(batch)]
-        self.position += len(batch)
-        return out
+        return [self.answers[audio.tobytes()] for audio in batch]
 
 
 def test_ensemble_beats_members_that_err_differently(speech, tmp_path, monkeypatch):
-    references = [r.transcription for r in read_metadata(speech)]
+    records = read_metadata(speech)
+    references = [r.transcription for r in records]
     wrong = {"a": {0, 1}, "b": {2, 3}, "c": {1, 4}}  # only utterance 1 is wrong in two members
     monkeypatch.setattr(ensemble, "load_recognizer",
-                        lambda model_dir, audio_ctx=None: FixedRecognizer(references, wrong[str(model_dir)]))
+                        lambda model_dir, audio_ctx=None: FixedRecognizer(records, wrong[str(model_dir)]))
     result = evaluate_ensemble(["a", "b", "c"], speech, batch_size=3, out_jsonl=tmp_path / "h.jsonl", progress=False)
     assert all(member["wer"] > 0 for member in result["members"])
     # utterance 1 is wrong in a and c alike ("zzz " + text): the majority error wins there, nowhere else

@@ -80,6 +80,29 @@ def test_batching_gives_the_same_transcripts_as_one_at_a_time(tiny_whisper, spee
     assert all(r["reference_normalised"] == normalise_text(r["reference"]) for r in rows_one)
 
 
+def test_batches_hold_utterances_of_similar_length_and_hypotheses_keep_the_records_order(speech):
+    from kdforge.data.audio import read_metadata
+    from kdforge.evaluation.runner import transcribe_all
+
+    class LengthReporter:
+        sampling_rate = 16_000
+
+        def __init__(self):
+            self.batches: list[list[int]] = []
+
+        def transcribe(self, batch):
+            self.batches.append([len(audio) for audio in batch])
+            return [str(len(audio)) for audio in batch]
+
+    records = read_metadata(speech)
+    recognizer = LengthReporter()
+    hypotheses, _, _ = transcribe_all(recognizer, records, batch_size=3, progress=False)
+    lengths = [len(item.audio) for item in read_audiofolder(speech)]
+    assert hypotheses == [str(n) for n in lengths]
+    assert sum(recognizer.batches, []) == sorted(lengths, reverse=True)  # longest first, every one once
+    assert len(set(lengths)) > 3  # the check above would hold for any order otherwise
+
+
 def test_audio_ctx_shrinks_the_window_and_the_token_budget(tiny_whisper, speech):
     full = load_recognizer(tiny_whisper)
     short = load_recognizer(tiny_whisper, audio_ctx=25)

@@ -19,25 +19,36 @@ from kdforge.evaluation.recognizers import Recognizer, load_recognizer
 from kdforge.evaluation.scoring import error_rates
 
 
+#: Utterances are decoded in batches of similar length, sorted within groups of this many batches: a
+#: batch then pads little (and a dynamic window shrinks), while only one group's audio is in memory.
+SORT_GROUP_BATCHES = 32
+
+
 def transcribe_all(recognizer: Recognizer, records: list[AudioRecord], batch_size: int,
                    progress: bool = True) -> tuple[list[str], float, float]:
-    """Transcribe ``records`` in batches of ``batch_size``, in order.
+    """Transcribe ``records`` in batches of ``batch_size`` utterances of similar length.
 
     Returns:
-        ``(hypotheses, wall_seconds, audio_seconds)``.
+        ``(hypotheses, wall_seconds, audio_seconds)``; the hypotheses in the records' order.
     """
     if batch_size < 1:
         raise KdforgeError(f"batch size must be at least 1, got {batch_size}")
-    hypotheses: list[str] = []
+    hypotheses: list[str] = [""] * len(records)
     audio_seconds = 0.0
     start = time.perf_counter()
+    group = batch_size * SORT_GROUP_BATCHES
     # disable=None: a bar on a terminal, silence in logs and pipes (it writes to stderr either way)
     with tqdm(total=len(records), unit="utt", desc="eval", disable=None if progress else True) as bar:
-        for first in range(0, len(records), batch_size):
-            batch = [load_audio(record.path, recognizer.sampling_rate) for record in records[first:first + batch_size]]
-            audio_seconds += sum(len(audio) for audio in batch) / recognizer.sampling_rate
-            hypotheses += recognizer.transcribe(batch)
-            bar.update(len(batch))
+        for first in range(0, len(records), group):
+            audio = {i: load_audio(records[i].path, recognizer.sampling_rate)
+                     for i in range(first, min(first + group, len(records)))}
+            audio_seconds += sum(len(samples) for samples in audio.values()) / recognizer.sampling_rate
+            longest_first = sorted(audio, key=lambda i: len(audio[i]), reverse=True)
+            for offset in range(0, len(longest_first), batch_size):
+                batch = longest_first[offset:offset + batch_size]
+                for index, text in zip(batch, recognizer.transcribe([audio[i] for i in batch]), strict=True):
+                    hypotheses[index] = text
+                bar.update(len(batch))
     return hypotheses, time.perf_counter() - start, audio_seconds
 
 

@@ -182,3 +182,21 @@ def test_a_cache_of_another_ensemble_is_refused(tiny_whisper, wide_whisper, tiny
     config.teachers = config.teachers[::-1]
     with pytest.raises(KdforgeError, match="holds the transcripts of the ensemble wide, ctc.v1, not of ctc.v1, wide"):
         open_cache(config)
+
+
+def test_runs_of_one_seed_draw_the_same_augmentation_with_or_without_projection_heads(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, tmp_path):
+    import json
+
+    from kdforge.training.loop import train
+
+    augment = {"spec_augment": {"time_masks": 2, "time_width": 10, "freq_masks": 2, "freq_width": 8}}
+    first_ce = {}
+    for name, alignment in (("kd", None), ("kd+lppm", {"weight": 1.0e-9})):
+        config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, audio=augment,
+                                alignment=alignment, training={"steps": 1})
+        train(config, tmp_path / name, show_progress=False)
+        history = (tmp_path / name / "history.jsonl").read_text().splitlines()
+        first_ce[name] = json.loads(history[0])["ce"]
+    # the first step's weights are the same in both runs: only different SpecAugment masks could move its CE
+    assert first_ce["kd"] == first_ce["kd+lppm"]

@@ -26,6 +26,7 @@ def test_quick_run_reports_every_metric_from_its_measurements(tmp_path, monkeypa
     assert all(value > 0 for value in seconds.values())
     assert report["cached_step_over_student_step"] == seconds["cached"] / seconds["student"]
     assert report["online_over_cached_speedup"] == seconds["online"] / seconds["cached"]
+    assert set(seconds) == {"student", "cached", "online", "cached_without_lppm", "cached_without_logit_terms"}
     cache = report["cache"]
     assert report["parallel_cache_speedup"] == cache["workers_1"]["seconds"] / cache["workers_2"]["seconds"]
     assert set(cache["workers_2"]["teacher_seconds"]) == {"whisper-wide", "whisper-narrow", "ctc"}
@@ -50,7 +51,7 @@ def test_the_online_step_computes_what_the_cache_holds(tmp_path, monkeypatch):
     from kdforge.teachers.cache import TeacherCache
 
     teachers = perf.ensemble_folders(real_models=False)
-    distil, _ = perf.recipe_configs(CONFIGS, teachers, tmp_path / "cache", real_models=False)
+    distil = perf.recipe_configs(CONFIGS, teachers, tmp_path / "cache", real_models=False)["cached"]
     build_cache_from_config(distil, distil.cache.dir)
     # the cache's first batch of teacher passes: the online step runs the teachers on the same inputs
     indices = list(range(distil.cache.batch_size))

@@ -53,18 +53,23 @@ def test_the_demo_reports_every_row_and_exports_the_best_student(finished_demo):
     assert not any(ce.get("teachers_used", {}).values())  # labels only: the demo's teachers are not pushed into it
 
 
-def test_a_second_demo_with_other_methods_and_seeds_reuses_the_teachers_and_cache(finished_demo):
+def test_a_second_demo_with_other_methods_seeds_and_settings_reuses_the_teachers_and_cache(finished_demo):
     root, plan, models, _ = finished_demo
     workspace = next((root / "home" / "demo").iterdir())
     stamps = {path: path.stat().st_mtime_ns for path in [*workspace.glob("teachers/*/result.json"),
                                                          workspace / "cache" / "manifest.json"]}
-    report = run_demo(root / "again", DemoPlan(**TINY, methods=("lora_ce",), seeds=2), CONFIGS, home=root / "home",
-                      models=models)
+    other = DemoPlan(**TINY, methods=("lora_ce",), seeds=2, student_settings=("training.lr=5.0e-4",))
+    report = run_demo(root / "again", other, CONFIGS, home=root / "home", models=models)
     assert len(stamps) == 4 and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
     assert [p.name for p in (root / "home" / "demo").iterdir()] == [workspace.name]
     assert report["exported_student"]["method"] == "lora_ce"
     ce = next(row for row in report["rows"] if row["method"] == "lora_ce")
     assert ce["seeds"] == 2 and (root / "again" / "runs" / "lora_ce-s1" / "result.json").is_file()
+    trained = json.loads((root / "again" / "runs" / "lora_ce-s1" / "config.json").read_text())
+    assert trained["training"]["lr"] == 5.0e-4 != json.loads((root / "out" / "runs" / "lora_ce-s0" / "config.json")
+                                                             .read_text())["training"]["lr"]
+    assert report["command"] == (f"kdforge demo --out {root / 'again'} --method lora_ce --seeds 2 "
+                                 "--student-steps 2 --set training.lr=5.0e-4")
 
 
 def test_a_finished_demo_folder_is_refused_and_left_alone(finished_demo, capsys):

@@ -42,7 +42,7 @@ WHISPER_MODELS = ("whisper-base", "whisper-tiny.en")
 
 
 #: Plan fields that concern only the students: demos that differ in them share one workspace.
-STUDENT_SETTINGS = ("methods", "student_steps", "seeds")
+STUDENT_SETTINGS = ("methods", "student_steps", "seeds", "student_settings")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class DemoPlan:
     #: ``--set`` overrides for every teacher config / every student config (tests shrink models with them)
     teacher_overrides: tuple[str, ...] = ()
     student_overrides: tuple[str, ...] = ()
+    #: ``--set`` overrides of the students' training alone (loss weights, learning rate, ...), applied
+    #: last; demos differing only in them share teachers and cache (a setting the cache depends on,
+    #: such as the mapped layers, makes training refuse that cache as stale)
+    student_settings: tuple[str, ...] = ()
 
     def key(self, configs: Path) -> str:
         """Names the shared workspace: what the data, teachers and cache depend on, hashed (the plan
@@ -92,6 +96,20 @@ def claim_output(out: Path, plan: DemoPlan) -> None:
         raise KdforgeError(f"{out} exists and is not an empty folder: it is never overwritten, choose another")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, asdict(plan))
+
+
+def demo_command(out: Path, plan: DemoPlan) -> str:
+    """The ``kdforge demo`` command line of ``plan``'s student settings (those the CLI sets)."""
+    default = DemoPlan()
+    parts = [f"kdforge demo --out {out}"]
+    if plan.methods != default.methods:
+        parts += [f"--method {method}" for method in plan.methods]
+    if plan.seeds != default.seeds:
+        parts.append(f"--seeds {plan.seeds}")
+    if plan.student_steps != default.student_steps:
+        parts.append(f"--student-steps {plan.student_steps}")
+    parts += [f"--set {setting}" for setting in plan.student_settings]
+    return " ".join(parts)
 
 
 def data_and_budget(plan: DemoPlan, workspace: Path, steps: int) -> list[str]:
@@ -216,7 +234,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None, configs: str | Path 
     stages.start("distil_students", f"distilling {len(plan.methods)} students x {plan.seeds} seeds, "
                                     f"{plan.student_steps} steps each")
     report = asr.run(out, configs / "asr", plan.methods, plan.seeds, test_dir, out / "teachers" / "teachers.json",
-                     tuple(overrides), command=f"kdforge demo --out {out}",
+                     (*overrides, *plan.student_settings), command=demo_command(out, plan),
                      distil_overrides=tuple(teachers_and_cache), report_name="results")
 
     stages.start("export", "the best student, results and plots")

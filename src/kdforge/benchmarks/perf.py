@@ -4,6 +4,8 @@
   LoRA student, KD + RLKD from the teachers sharing its vocabulary, LPPM from all three teachers, read
   from the teacher cache) over a plain student step (cross-entropy on the references) on the same batch.
   A step is building the batch, forward, backward and AdamW (:mod:`kdforge.benchmarks.steps`).
+  The same step without the projection mapping, and without KD and RLKD, is timed beside it: what
+  each group of terms costs.
 * ``online_over_cached_speedup``: the same distillation step with the teachers run on the batch
   (:func:`kdforge.teachers.build.teacher_signals`, the cache builder's own code) over the cached step.
   The teachers' greedy transcripts, which pick the training targets, still come from the cache: an
@@ -98,10 +100,12 @@ def ensemble_folders(real_models: bool) -> dict[str, Path]:
 
 
 def recipe_configs(configs: Path, teachers: dict[str, Path], cache_dir: Path, real_models: bool,
-                   speech: str = "builtin:tiny-speech"):
-    """``(distillation, plain)`` configs: the recipe's (the tiny one without real models) with these
-    teachers and cache, on ``speech``, every utterance labelled so that both steps train on the same
-    target tokens; the plain one has no teacher and only the cross-entropy term."""
+                   speech: str = "builtin:tiny-speech") -> dict:
+    """The configs whose steps are timed, by name: ``cached`` is the recipe's (the tiny one without
+    real models) with these teachers and cache, on ``speech``, every utterance labelled so that every
+    step trains on the same target tokens; ``student`` has no teacher and only the cross-entropy
+    term; ``cached_without_lppm`` and ``cached_without_logit_terms`` leave out the projection mapping,
+    or KD and RLKD, to show what each costs."""
     from kdforge.config import load_config
 
     path = configs / ("asr/lora-lppm-rlkd.yaml" if real_models else "tiny-asr.yaml")
@@ -110,10 +114,12 @@ def recipe_configs(configs: Path, teachers: dict[str, Path], cache_dir: Path, re
     members = [{"path": str(folder), "name": name} for name, folder in teachers.items()]
     overrides = [f"teachers={json.dumps(members)}", f"data.train={speech}", "data.eval=null",
                  "data.labelled=null", f"cache.dir={cache_dir}"]
-    distil = load_config(path, overrides)
-    plain = load_config(path, [*overrides, "teachers=[]", "alignment=null",
-                               f"objective={{name: none, ce_weight: {distil.objective.ce_weight}}}"])
-    return distil, plain
+    cached = load_config(path, overrides)
+    ce_only = f"objective={{name: none, ce_weight: {cached.objective.ce_weight}}}"
+    return {"cached": cached,
+            "student": load_config(path, [*overrides, "teachers=[]", "alignment=null", ce_only]),
+            "cached_without_lppm": load_config(path, [*overrides, "alignment=null"]),
+            "cached_without_logit_terms": load_config(path, [*overrides, ce_only])}
 
 
 def cache_build_seconds(config, work: Path) -> dict:
@@ -162,15 +168,14 @@ class BatchSignals:
         return [{name: self.signals[teacher][utterance][name] for name in names} for utterance in utterance_ids]
 
 
-def step_seconds(student, cached, online, work: Path, repeats: int) -> dict:
-    """Median seconds of a step of each task (plain, cached, online) on the same first batch, taking turns."""
+def step_seconds(tasks: dict, work: Path, repeats: int) -> dict:
+    """Median seconds of a step of each task (by name) on the same first batch, the tasks taking turns."""
     from kdforge.benchmarks.steps import StepTimer, median_step_seconds
 
-    for task in (cached, online):
+    for task in tasks.values():
         task.step = task.config.training.steps  # past every loss warm-up: each term is computed
-    indices = list(range(cached.config.training.batch_size))
-    timers = {name: StepTimer(task, indices, work) for name, task in
-              (("student", student), ("cached", cached), ("online", online))}
+    indices = list(range(tasks["cached"].config.training.batch_size))
+    timers = {name: StepTimer(task, indices, work) for name, task in tasks.items()}
     return {"seconds": median_step_seconds(timers, repeats), "batch_size": len(indices), "repeats": repeats}
 
 
@@ -263,14 +268,18 @@ def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench 
         work = Path(scratch)
         stages.start("models", "teachers, student and speech")
         teachers = ensemble_folders(plan.real_models)
-        distil, plain = recipe_configs(configs, teachers, work / "cache-1-worker", plan.real_models,
-                                       training_speech(plan.utterances))
+        recipe = recipe_configs(configs, teachers, work / "cache-1-worker", plan.real_models,
+                                training_speech(plan.utterances))
+        distil = recipe["cached"]
         stages.start("cache", "building the teacher cache with 1 worker, then 2")
         cache = cache_build_seconds(distil, work)
         stages.start("steps", "plain, cached and online training steps, taking turns")
         cached = WhisperDistillationTask(distil, work)
-        steps = step_seconds(WhisperTask(plain, work), cached, OnlineDistillationTask(distil, work), work,
-                             plan.step_repeats)
+        tasks = {"student": WhisperTask(recipe["student"], work), "cached": cached,
+                 "online": OnlineDistillationTask(distil, work),
+                 **{name: WhisperDistillationTask(recipe[name], work)
+                    for name in ("cached_without_lppm", "cached_without_logit_terms")}}
+        steps = step_seconds(tasks, work, plan.step_repeats)
         decoded = work / "student" if student is None else Path(student)
         if student is None:  # the recipe's student as training exports it (its dynamic window included)
             cached.export(decoded, exportable(cached.student, merge=True))
@@ -318,6 +327,11 @@ def to_markdown(report: dict) -> str:
         f"(median of {steps['repeats']}) |",
         f"| online_over_cached_speedup | {_ratio(report['online_over_cached_speedup'])} | "
         f"{seconds['online']:.3f} s / {seconds['cached']:.3f} s |",
+        f"| (cached step without LPPM over student step) | {_ratio(seconds['cached_without_lppm'] / seconds['student'])} | "
+        f"{seconds['cached_without_lppm']:.3f} s: what the projection mapping costs |",
+        f"| (cached step without KD and RLKD over student step) | "
+        f"{_ratio(seconds['cached_without_logit_terms'] / seconds['student'])} | "
+        f"{seconds['cached_without_logit_terms']:.3f} s: what the logit terms cost |",
         f"| parallel_cache_speedup | {_ratio(report['parallel_cache_speedup'])} | "
         f"{cache['workers_1']['seconds']:.1f} s (1 worker) / {cache['workers_2']['seconds']:.1f} s (2 workers) |",
         f"| ddp_2proc_throughput_ratio | {_ratio(report['ddp_2proc_throughput_ratio'])} | " + (

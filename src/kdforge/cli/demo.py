@@ -15,6 +15,8 @@ def demo(
                                      "lora_ce, lora_logit_kd, lora_lppm, lora_lppm_rlkd)."),
     seeds: int = typer.Option(1, min=1, help="Training seeds per student method."),
     student_steps: int = typer.Option(None, min=1, help="Steps per student (default: 60)."),
+    settings: list[str] = typer.Option([], "--set", help="KEY=VALUE for every student's config (repeatable), e.g. "
+                                       "alignment.weight=0.1; teachers and cache are shared with other demos."),
 ) -> None:
     """Run the main job end to end: prepare models, synthesise speech, adapt teachers, cache, distil, score.
 
@@ -26,6 +28,6 @@ def demo(
 
     default = DemoPlan()
     plan = replace(default, methods=tuple(method) or default.methods, seeds=seeds,
-                   student_steps=student_steps or default.student_steps)
+                   student_steps=student_steps or default.student_steps, student_settings=tuple(settings))
     report = run_demo(out, plan=plan, configs=configs, home=home)
     typer.echo(to_markdown(report))

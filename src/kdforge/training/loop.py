@@ -175,6 +175,10 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
+    # Training draws its random numbers (augmentation masks, dropout) from here on, whatever the task
+    # drew while it was built (projection heads, for one): runs of one seed then share them across
+    # methods, so that rows of a comparison differ by their method, not by their random streams.
+    torch.manual_seed(settings.seed)
     start = 0
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:

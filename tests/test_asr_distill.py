@@ -200,3 +200,69 @@ def test_runs_of_one_seed_draw_the_same_augmentation_with_or_without_projection_
         first_ce[name] = json.loads(history[0])["ce"]
     # the first step's weights are the same in both runs: only different SpecAugment masks could move its CE
     assert first_ce["kd"] == first_ce["kd+lppm"]
+
+
+@pytest.fixture(scope="module")
+def token_cache_dir(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path_factory):
+    """A cache of :func:`distill_config` that also keeps the Whisper teacher's decoder states."""
+    from kdforge.teachers.build import build_cache_from_config
+
+    folder = tmp_path_factory.mktemp("distill-tokens") / "cache"
+    build_cache_from_config(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, folder,
+                                           alignment={"decoder_layers": [0, 1]}), folder)
+    return folder
+
+
+def test_decoder_layers_pair_with_every_whisper_teacher_and_no_ctc(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path):
+    from kdforge.tasks.asr_distill import decoder_layer_plan
+
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path / "cache",
+                            alignment={"decoder_layers": [0, 1]})
+    assert decoder_layer_plan(config) == ([0, 1], {"wide": [0, 1]})  # the CTC teacher has no decoder
+    assert decoder_layer_plan(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path)) == ([], {})
+    bad = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path / "cache",
+                         alignment={"decoder_layers": [2]})
+    with pytest.raises(KdforgeError, match="decoder_layers names layer 2, but the student has decoder hidden states 0..1"):
+        decoder_layer_plan(bad)
+
+
+def test_a_cache_without_decoder_states_is_refused_for_token_points_and_one_with_them_serves_frames_only(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, token_cache_dir):
+    from kdforge.tasks.asr_distill import open_cache
+
+    with pytest.raises(KdforgeError, match=r"decoder_layers \(0 not cached\)"):
+        open_cache(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
+                                  alignment={"decoder_layers": [0, 1]}))
+    open_cache(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, token_cache_dir))  # more layers serve fewer
+
+
+def test_token_points_are_the_teachers_decoder_states_on_the_target_grid_and_join_the_lppm_term(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, token_cache_dir):
+    from kdforge.alignment import lppm_loss
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, token_cache_dir,
+                            alignment={"decoder_layers": [0, 1]})
+    task = WhisperDistillationTask(config, tmp_path)
+    batch = task.batch([0, 1, 2])
+    tokens = batch["target_mask"]
+    decoder = batch["decoder/wide"]
+    assert "decoder/ctc.v1" not in batch
+    assert task.teachers_used()["lppm_tokens"] == ["wide"]
+    assert decoder.shape == (2, *tokens.shape, 16)
+    assert decoder[:, ~tokens].abs().sum() == 0 and bool((decoder[:, tokens].abs().sum(-1) > 0).all())
+    for row in range(3):  # one tokenizer: the cached states arrive unchanged at the student's target positions
+        cached = task.cache.signals("wide", task.ids[row], ["decoder.1"])["decoder.1"].float()
+        torch.testing.assert_close(decoder[1, row][tokens[row]], cached)
+    output = task.student(input_features=batch["features"], decoder_input_ids=batch["inputs"], output_hidden_states=True)
+    loss, terms = task.loss(batch)
+    student = torch.stack([task.heads["decoder_student"](output.decoder_hidden_states[layer][tokens][None], slot)
+                           for slot, layer in enumerate([0, 1])])
+    teacher = torch.stack([task.heads["decoder_teachers"][0](decoder[slot][tokens][None], slot) for slot in range(2)])
+    expected = lppm_loss(student, teacher[None], torch.ones(1, student.shape[2], dtype=torch.bool), torch.ones(1))
+    torch.testing.assert_close(terms["lppm_tokens"], expected)
+    # one encoder layer and two decoder layers mapped: the term is the mean over the three layers
+    torch.testing.assert_close(terms["lppm"], (terms["lppm_frames"] + 2 * terms["lppm_tokens"]) / 3)
+    loss.backward()
+    assert all(p.grad is not None for p in task.heads["decoder_student"].parameters())
+    assert not any(p.requires_grad for p in task.heads["decoder_teachers"].parameters())

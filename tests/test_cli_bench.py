@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,24 @@ def test_summary_reads_the_targets_off_the_rows():
     markdown = loss_benchmark.to_markdown(report)
     assert "| kl | 10 | 128,000 | chunked | 3.000 | 160 | 1.60 |" in markdown and "NOT met" in markdown
     json.dumps(report)
+
+
+def test_a_users_overrides_win_over_the_benchmarks_teachers_and_cache():
+    from kdforge.benchmarks.asr import method_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "asr"
+    ours = method_config("lora_lppm", configs, 1, ("cache.dir=/tmp/mine",), ("cache.dir=/tmp/bench",))
+    assert str(ours.cache.dir) == "/tmp/mine" and ours.training.seed == 1
+    labels_only = method_config("lora_ce", configs, 0, (), ("cache.dir=/tmp/bench",))
+    assert not labels_only.teachers and labels_only.cache.dir is None  # distil overrides skip label-only rows
+
+
+def test_an_override_under_a_section_a_method_leaves_out_does_not_turn_it_into_another_method():
+    from kdforge.benchmarks.asr import method_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "asr"
+    settings = ("alignment.weight=0.1", "objective.rlkd.weight=3.0", "training.lr=0.5")
+    kd = method_config("lora_logit_kd", configs, 0, settings)
+    assert kd.alignment is None and kd.objective.rlkd is None and kd.training.lr == 0.5
+    ours = method_config("lora_lppm_rlkd", configs, 0, settings)
+    assert ours.alignment.weight == 0.1 and ours.objective.rlkd.weight == 3.0 and ours.training.lr == 0.5

@@ -57,7 +57,7 @@ def test_a_second_demo_with_other_methods_seeds_and_settings_reuses_the_teachers
     root, plan, models, _ = finished_demo
     workspace = next((root / "home" / "demo").iterdir())
     stamps = {path: path.stat().st_mtime_ns for path in [*workspace.glob("teachers/*/result.json"),
-                                                         workspace / "cache" / "manifest.json"]}
+                                                         *workspace.glob("cache-*/manifest.json")]}
     other = DemoPlan(**TINY, methods=("lora_ce",), seeds=2, student_settings=("training.lr=5.0e-4",))
     report = run_demo(root / "again", other, CONFIGS, home=root / "home", models=models)
     assert len(stamps) == 4 and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
@@ -70,6 +70,20 @@ def test_a_second_demo_with_other_methods_seeds_and_settings_reuses_the_teachers
                                                              .read_text())["training"]["lr"]
     assert report["command"] == (f"kdforge demo --out {root / 'again'} --method lora_ce --seeds 2 "
                                  "--student-steps 2 --set training.lr=5.0e-4")
+
+
+def test_a_setting_that_changes_the_mapped_layers_gets_a_cache_of_its_own(finished_demo):
+    root, _, models, _ = finished_demo
+    workspace = next((root / "home" / "demo").iterdir())
+    first = sorted(workspace.glob("cache-*/manifest.json"))
+    tokens = DemoPlan(**TINY, methods=("lora_lppm",), student_settings=("alignment.decoder_layers=[1]",))
+    report = run_demo(root / "tokens", tokens, CONFIGS, home=root / "home", models=models)
+    caches = sorted(workspace.glob("cache-*/manifest.json"))
+    assert len(first) == 1 and len(caches) == 2 and first[0] in caches
+    trained = json.loads((root / "tokens" / "runs" / "lora_lppm-s0" / "config.json").read_text())
+    assert Path(trained["cache"]["dir"]) == next(path.parent for path in caches if path != first[0])
+    lppm = next(row for row in report["rows"] if row["method"] == "lora_lppm")
+    assert lppm["teachers_used"]["lppm_tokens"] == ["whisper-base", "whisper-tiny.en"]  # the CTC teacher has no decoder
 
 
 def test_a_finished_demo_folder_is_refused_and_left_alone(finished_demo, capsys):

@@ -46,7 +46,7 @@ def test_ensemble_beats_members_that_err_differently(speech, tmp_path, monkeypat
     references = [r.transcription for r in records]
     wrong = {"a": {0, 1}, "b": {2, 3}, "c": {1, 4}}  # only utterance 1 is wrong in two members
     monkeypatch.setattr(ensemble, "load_recognizer",
-                        lambda model_dir, audio_ctx=None: FixedRecognizer(records, wrong[str(model_dir)]))
+                        lambda model_dir, audio_ctx=None, no_repeat_ngram_size=0: FixedRecognizer(records, wrong[str(model_dir)]))
     result = evaluate_ensemble(["a", "b", "c"], speech, batch_size=3, out_jsonl=tmp_path / "h.jsonl", progress=False)
     assert all(member["wer"] > 0 for member in result["members"])
     # utterance 1 is wrong in a and c alike ("zzz " + text): the majority error wins there, nowhere else

@@ -123,6 +123,19 @@ def test_each_utterance_is_cut_to_its_own_budget_whatever_the_batch(tiny_whisper
     assert recognizer.transcribe(clips) == [recognizer.transcribe([clip])[0] for clip in clips]
 
 
+def test_the_loop_guard_never_repeats_an_ngram_where_plain_greedy_loops(tiny_whisper, speech):
+    clips = [item.audio for item in read_audiofolder(speech)][:3]
+
+    def repeats(ids: list[int]) -> bool:
+        pairs = list(zip(ids, ids[1:]))
+        return len(set(pairs)) < len(pairs)
+
+    plain = load_recognizer(tiny_whisper).token_ids(clips)
+    guarded = load_recognizer(tiny_whisper, no_repeat_ngram_size=2).token_ids(clips)
+    assert any(repeats(ids) for ids in plain)  # the random model loops
+    assert not any(repeats(ids) for ids in guarded)
+
+
 def test_cli_prints_a_table_then_the_json_line(tiny_whisper, speech, tmp_path):
     app = typer.Typer()
     app.command()(eval_command)

@@ -125,6 +125,32 @@ def test_gradient_accumulation_keeps_the_loss_scale(tiny_lm, tmp_path):
     assert one["final_loss"] == pytest.approx(four["final_loss"], rel=1e-4)
 
 
+def test_term_gradient_norms_are_each_terms_own_pull_and_leave_the_step_unchanged(tiny_lm, tmp_path):
+    from kdforge.tasks.lm import LMTask
+    from kdforge.training.loop import accumulate_gradients, target_tokens
+
+    task = LMTask(config_for(tiny_lm), tmp_path)
+    weights = [p for p in task.student.parameters() if p.requires_grad]
+    batches = [task.batch(list(range(8)))]
+    task.student.zero_grad()
+    plain = accumulate_gradients(task, batches, target_tokens(batches), tmp_path, 0)
+    step = [p.grad.clone() for p in weights]
+    task.student.zero_grad()
+    measured = accumulate_gradients(task, batches, target_tokens(batches), tmp_path, 0, norms_over=weights)
+    assert all(torch.equal(p.grad, g) for p, g in zip(weights, step))  # measuring does not change the step
+    assert {k: v for k, v in measured.items() if not k.startswith("grad_norm/")} == plain
+    assert set(measured) - set(plain) == {"grad_norm/ce", "grad_norm/kd", "grad_norm/rank"}
+    _, terms = task.loss(batches[0])
+    for name in ("ce", "kd", "rank"):  # each norm is that term's gradient alone, unweighted
+        task.student.zero_grad()
+        terms[name].backward(retain_graph=True)
+        own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in weights]))
+        assert measured[f"grad_norm/{name}"] == pytest.approx(float(own), rel=1e-5)
+    history = train(config_for(tiny_lm, term_grad_norms_every=2), tmp_path / "run", show_progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "grad_norm/kd" in e] == [2, 4] and history["steps"] == 4
+
+
 def random_config(tiny_lm):
     """Dropout in the adapters and two micro-batches a step: resuming must restore the RNG exactly."""
     raw = config_for(tiny_lm, grad_accum=2).model_dump(mode="json")

@@ -144,6 +144,10 @@ class TrainingConfig(StrictModel):
     seed: int = Field(0, description="Seeds initialisation, data order and augmentation.")
     eval_every: int = Field(50, ge=1, description="Steps between evaluations (and at the end).")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    term_grad_norms_every: int = Field(0, ge=0, description="Every this many steps, log how hard each loss term "
+                                       "pulls: the L2 norm of its unweighted gradient on the student's trainable "
+                                       "weights (projection heads left out), as grad_norm/<term>; costs one more forward "
+                                       "and a backward per term at those steps. 0: never.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints are kept.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the student (and any online teacher) "
                                                    "trains: auto = a GPU when torch sees one (GPU LOCAL_RANK under "
@@ -163,6 +167,10 @@ class AlignmentConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0, description="Steps over which the weight rises linearly from 0.")
     student_layers: list[int] | None = Field(None, description="Student encoder hidden states mapped (0 = the input "
                                              "embedding); default: every encoder layer's output.")
+    decoder_layers: list[int] = Field(default_factory=list, description="Student decoder hidden states mapped too, "
+                                      "their points the target tokens (0 = the token embedding); each Whisper "
+                                      "teacher's paired by the uniform map over its decoder, resampled to the "
+                                      "student's tokens. Default: none.")
     teachers: list[str] | None = Field(None, description="Names of the teachers mapped; default: all.")
     dim: int | None = Field(None, ge=1, description="Shared space dimension D; default: the largest width, "
                             "rounded up to a multiple of 64.")
@@ -176,8 +184,8 @@ class AlignmentConfig(StrictModel):
     target: Literal["sum", "centroid"] = Field("sum", description="Per-teacher terms averaged by weight, or one term "
                                                 "to the teachers' spherical centroid.")
     pointwise: bool = Field(True, description="Match frames in time; false pools each utterance to one point.")
-    resample: Literal["linear", "pool"] = Field("linear", description="How a teacher with another frame rate is "
-                                                "brought to the student's length.")
+    resample: Literal["linear", "pool"] = Field("linear", description="How a teacher with another frame rate "
+                                                "(or tokenization) is brought to the student's length.")
     seed: int = Field(0, description="Seed of the fixed teacher maps.")
 
 

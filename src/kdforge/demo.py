@@ -66,8 +66,8 @@ class DemoPlan:
     teacher_overrides: tuple[str, ...] = ()
     student_overrides: tuple[str, ...] = ()
     #: ``--set`` overrides of the students' training alone (loss weights, learning rate, ...), applied
-    #: last; demos differing only in them share teachers and cache (a setting the cache depends on,
-    #: such as the mapped layers, makes training refuse that cache as stale)
+    #: last; demos differing only in them share the teachers, and the cache unless a setting changes
+    #: what it must hold (the mapped layers: those demos build one beside it, :func:`cache_folder`)
     student_settings: tuple[str, ...] = ()
 
     def key(self, configs: Path) -> str:
@@ -132,11 +132,22 @@ def student_overrides(plan: DemoPlan, workspace: Path, models: dict[str, Path]) 
             *plan.student_overrides]
 
 
-def distil_overrides(workspace: Path) -> list[str]:
-    """The overrides for methods that read teachers: the demo's adapted teachers and their cache."""
+def distil_overrides(workspace: Path, cache: Path) -> list[str]:
+    """The overrides for methods that read teachers: the demo's adapted teachers and the cache ``cache``."""
     teachers = ", ".join(f"{{path: {workspace / 'teachers' / name / 'student'}, name: {name}}}"
                          for name in TEACHER_CONFIGS)
-    return [f"teachers=[{teachers}]", f"cache.dir={workspace / 'cache'}"]
+    return [f"teachers=[{teachers}]", f"cache.dir={cache}"]
+
+
+def cache_folder(workspace: Path, config) -> Path:
+    """The workspace's teacher cache for ``config``, named by what it must hold
+    (:func:`kdforge.tasks.asr_distill.cache_expectations`): student settings that change the mapped
+    layers get a cache of their own beside the others instead of a stale one."""
+    from kdforge.tasks.asr_distill import cache_expectations
+
+    expected = {name: [str(path), settings] for name, (path, settings) in cache_expectations(config).items()}
+    payload = json.dumps({"data": str(config.data.train), "teachers": expected}, sort_keys=True)
+    return workspace / f"cache-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
 class Stages:
@@ -221,15 +232,18 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None, configs: str | Path 
 
     stages.start("score_teachers", "zero-shot Whisper, each teacher and their ensemble on unseen voices")
     test_dir = workspace / "data" / "test"
-    overrides, teachers_and_cache = student_overrides(plan, workspace, models), distil_overrides(workspace)
-    ours = load_config(configs / "asr" / "lora-lppm.yaml", [*overrides, *teachers_and_cache])
+    overrides = student_overrides(plan, workspace, models)
+    ours = load_config(configs / "asr" / "lora-lppm.yaml",
+                       [*overrides, *distil_overrides(workspace, workspace / "cache"), *plan.student_settings])
+    cache = cache_folder(workspace, ours)
+    teachers_and_cache = distil_overrides(workspace, cache)
     teachers_report = asr_teachers.run({name: [workspace / "teachers" / name / "student"] for name in TEACHER_CONFIGS},
                                        {name: models[name] for name in WHISPER_MODELS}, test_dir,
                                        out / "teachers", audio_ctx=ours.audio.audio_ctx, command="kdforge demo")
 
     stages.start("cache_teachers", "caching the teachers' hidden states, top-k and transcripts")
-    if not (workspace / "cache" / "manifest.json").exists():
-        build_cache_from_config(ours, workspace / "cache")
+    if not (cache / "manifest.json").exists():
+        build_cache_from_config(ours, cache)
 
     stages.start("distil_students", f"distilling {len(plan.methods)} students x {plan.seeds} seeds, "
                                     f"{plan.student_steps} steps each")

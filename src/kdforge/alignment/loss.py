@@ -15,6 +15,8 @@ from torch.nn import functional as F
 from kdforge.losses.features import cosine_loss, geodesic_loss, mse_loss
 
 POINT_LOSSES = {"geodesic": geodesic_loss, "cosine": cosine_loss, "mse": mse_loss}
+#: Point losses of the angle alone: normalising their points first would change nothing but the cost.
+SCALE_FREE = ("geodesic", "cosine")
 
 
 def spherical_centroid(points: Tensor, weights: Tensor) -> Tensor:
@@ -84,8 +86,8 @@ def lppm_loss(
         target: ``"sum"`` or ``"centroid"``.
         point_loss: ``"geodesic"`` (``arccos`` of the clamped cosine), ``"cosine"`` (``1 - cos``) or
             ``"mse"``, from :mod:`kdforge.losses.features`.
-        normalize: L2-normalise every point onto the unit sphere first (geodesic and cosine
-            ignore the norm anyway; it matters for MSE).
+        normalize: L2-normalise every point onto the unit sphere first (it matters for MSE; geodesic
+            and cosine depend on the angle alone, so their points are left as they are).
 
     Returns:
         A scalar: 0 with a gradient path when no point is valid.
@@ -108,7 +110,7 @@ def lppm_loss(
     # Float32 at least: half-precision dot products of unit vectors lose the small angles measured here.
     dtype = torch.promote_types(student_points.dtype, torch.float32)
     student, teachers = student_points.to(dtype), teacher_points.to(dtype)
-    if normalize:
+    if normalize and point_loss not in SCALE_FREE:
         student, teachers = F.normalize(student, dim=-1), F.normalize(teachers, dim=-1)
     weights = teacher_weights.to(student.device, dtype)
     weights = weights / weights.sum()

@@ -53,14 +53,33 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
+def changes_a_setting_of(config: RunConfig, override: str) -> bool:
+    """Whether ``override`` (``a.b.c=value``) sets something ``config`` has. One under a section the
+    config leaves out (null: a KD row's ``alignment``, a row's ``objective.rlkd`` without RLKD) would
+    switch that section on and make the row another method."""
+    node = config.model_dump()
+    for key in override.split("=", 1)[0].strip().split(".")[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return False
+    return True
+
+
 def method_config(method: str, configs: Path, seed: int, overrides: tuple[str, ...] = (),
                   distil_overrides: tuple[str, ...] = ()) -> RunConfig:
     """The config of one method and seed: its file in ``configs`` plus the row's overrides, then
-    ``overrides`` (every method) and ``distil_overrides`` (only methods that read teachers)."""
+    ``distil_overrides`` (only methods that read teachers) and ``overrides`` (every method, last: a
+    user's ``--set cache.dir=...`` wins over the benchmark's own cache). An override under a section
+    the method leaves out is not applied to it (:func:`changes_a_setting_of`): ``--set
+    alignment.weight=0.1`` tunes the LPPM rows and leaves the KD row KD."""
     config_name, method_overrides = STUDENT_METHODS[method]
-    assignments = [*method_overrides, f"training.seed={seed}", *overrides]
-    config = load_config(configs / config_name, assignments)
-    return load_config(configs / config_name, [*assignments, *distil_overrides]) if config.teachers else config
+    assignments = [*method_overrides, f"training.seed={seed}"]
+    own = load_config(configs / config_name, assignments)
+    overrides = tuple(override for override in overrides if changes_a_setting_of(own, override))
+    config = load_config(configs / config_name, [*assignments, *overrides])
+    if not config.teachers:
+        return config
+    return load_config(configs / config_name, [*assignments, *distil_overrides, *overrides])
 
 
 def run_folder(out: Path, method: str, seed: int) -> Path:

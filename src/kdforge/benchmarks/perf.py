@@ -139,14 +139,15 @@ class OnlineDistillationTask(WhisperDistillationTask):
     """
 
     def __init__(self, config, work_dir: Path):
-        from kdforge.tasks.asr_distill import layer_plan
+        from kdforge.tasks.asr_distill import decoder_layer_plan, layer_plan
         from kdforge.teachers.build import teacher_signals
         from kdforge.teachers.cache import ENSEMBLE
 
         super().__init__(config, work_dir)
-        layers = layer_plan(config)[1]
+        layers, decoder_layers = layer_plan(config)[1], decoder_layer_plan(config)[1]
         used = {*self.logit_teachers, *(t.label for t in self.mapped)}
-        self.teacher_runs = {t.label: teacher_signals(t.path, layers[t.label], config.cache.top_k, config.audio.audio_ctx)
+        self.teacher_runs = {t.label: teacher_signals(t.path, layers[t.label], config.cache.top_k, config.audio.audio_ctx,
+                                                      decoder_layers.get(t.label, []))
                              for t in config.teachers if t.label in used}
         self.targets = [self.cache.text(ENSEMBLE, utterance, "target") for utterance in self.ids]
 

@@ -141,7 +141,7 @@ def bench_asr(
     teachers: Path = typer.Option(None, help="teachers.json of `kdforge bench asr-teachers`, for the teacher, "
                                   "zero-shot and ensemble rows."),
     method: list[str] = typer.Option([], "--method", help="Only these method keys (repeatable; default: all)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key in every method's config (repeatable)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key in every method's config that has its section (repeatable)."),
 ) -> None:
     """Every student row of the comparison, mean and spread over seeds; finished runs are reused."""
     from kdforge.benchmarks import asr

@@ -16,7 +16,8 @@ def demo(
     seeds: int = typer.Option(1, min=1, help="Training seeds per student method."),
     student_steps: int = typer.Option(None, min=1, help="Steps per student (default: 60)."),
     settings: list[str] = typer.Option([], "--set", help="KEY=VALUE for every student's config (repeatable), e.g. "
-                                       "alignment.weight=0.1; teachers and cache are shared with other demos."),
+                                       "alignment.weight=0.1 (not applied to a method whose config leaves that "
+                                       "section out); teachers and cache are shared with other demos."),
 ) -> None:
     """Run the main job end to end: prepare models, synthesise speech, adapt teachers, cache, distil, score.
 

@@ -19,6 +19,9 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Utterances decoded together."),
     audio_ctx: int = typer.Option(None, "--audio-ctx", help="Whisper encoder positions kept (1500 = 30 s, 400 = 8 s)."),
     out: Path = typer.Option(None, "--out", help="New JSONL file keeping every hypothesis."),
+    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", min=0, help="Whisper: never repeat a token n-gram "
+                                        "of this size in a transcript (a guard against decoding loops); 0: plain "
+                                        "greedy, as every documented number."),
 ) -> None:
     """Greedy-decode an audiofolder; print a table, then a JSON line {wer, cer, n, utterances_per_s}.
 
@@ -31,7 +34,8 @@ def eval_command(
 
     window = "model's" if audio_ctx is None else str(audio_ctx)
     if len(models) > 1:
-        result = evaluate_ensemble(models, data, batch_size=batch_size, audio_ctx=audio_ctx, out_jsonl=out)
+        result = evaluate_ensemble(models, data, batch_size=batch_size, audio_ctx=audio_ctx, out_jsonl=out,
+                                   no_repeat_ngram_size=no_repeat_ngram)
         table = Table(title=f"kdforge eval: ensemble of {len(models)} on {data}")
         for column in ("model", "WER", "CER", "utt/s"):
             table.add_column(column, justify="right")
@@ -44,7 +48,8 @@ def eval_command(
                           "disagreement": result["disagreement"]}))
         return
     model = models[0]
-    result = evaluate(model, data, batch_size=batch_size, audio_ctx=audio_ctx, out_jsonl=out)
+    result = evaluate(model, data, batch_size=batch_size, audio_ctx=audio_ctx, out_jsonl=out,
+                      no_repeat_ngram_size=no_repeat_ngram)
     table = Table(title=f"kdforge eval: {model.name} on {data}")
     for column in ("WER", "CER", "utterances", "utt/s", "audio s", "audio_ctx", "batch"):
         table.add_column(column, justify="right")

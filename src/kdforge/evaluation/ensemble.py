@@ -49,8 +49,10 @@ def disagreement(references: list[str], first: list[str], second: list[str]) -> 
 
 def evaluate_ensemble(model_dirs: list[str | Path], data_dir: str | Path, batch_size: int = 8,
                       audio_ctx: int | None = None, weights: list[float] | None = None,
-                      out_jsonl: str | Path | None = None, progress: bool = True) -> dict:
-    """Score every member and their minimum-Bayes-risk ensemble on the audiofolder ``data_dir``.
+                      out_jsonl: str | Path | None = None, progress: bool = True, no_repeat_ngram_size: int = 0) -> dict:
+    """Score every member and their minimum-Bayes-risk ensemble on the audiofolder ``data_dir``
+    (``no_repeat_ngram_size``: each Whisper member's loop guard, see
+    :class:`~kdforge.evaluation.recognizers.WhisperRecognizer`).
 
     Returns:
         ``{"wer", "cer", "n", "utterances_per_s"}`` of the ensemble (its time is the members' times
@@ -68,7 +70,8 @@ def evaluate_ensemble(model_dirs: list[str | Path], data_dir: str | Path, batch_
     references, ids = [r.transcription for r in records], [r.id for r in records]
     members, transcripts, seconds = [], [], 0.0
     for model_dir in model_dirs:
-        hypotheses, wall, _ = transcribe_all(load_recognizer(model_dir, audio_ctx), records, batch_size, progress)
+        recognizer = load_recognizer(model_dir, audio_ctx, no_repeat_ngram_size=no_repeat_ngram_size)
+        hypotheses, wall, _ = transcribe_all(recognizer, records, batch_size, progress)
         rates = error_rates(references, hypotheses, ids)
         members.append({"model": str(model_dir), "wer": rates.wer, "cer": rates.cer,
                         "utterances_per_s": len(records) / wall})

@@ -47,10 +47,13 @@ class WhisperRecognizer:
     a model trained with ``audio.dynamic_window`` reads only as much of it as the batch's longest
     utterance needs.
     Multilingual checkpoints are told the language and task ("en", "transcribe") instead of
-    detecting the language.
+    detecting the language. ``no_repeat_ngram_size`` > 0 forbids any token n-gram of that size
+    twice in a transcript: a guard against decoding loops ("of his name of his name ..."), which
+    plain greedy decoding (0, the default) lets run to the token budget.
     """
 
-    def __init__(self, model: WhisperForConditionalGeneration, processor: WhisperProcessor, language: str = "en"):
+    def __init__(self, model: WhisperForConditionalGeneration, processor: WhisperProcessor, language: str = "en",
+                 no_repeat_ngram_size: int = 0):
         self.model = model
         self.processor = processor
         self.extractor = processor.feature_extractor
@@ -62,7 +65,8 @@ class WhisperRecognizer:
         self.prompt_tokens = decoder_prompt_length(processor.tokenizer)
         # a private copy: greedy with the KV cache
         self.generation_config = copy.deepcopy(generation)
-        self.generation_config.update(do_sample=False, num_beams=1, use_cache=True)
+        self.generation_config.update(do_sample=False, num_beams=1, use_cache=True,
+                                      no_repeat_ngram_size=no_repeat_ngram_size)
 
     @property
     def window_seconds(self) -> float:
@@ -121,8 +125,9 @@ class CTCRecognizer:
         return greedy_ctc(logits, mask, self.tokenizer)
 
 
-def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None) -> Recognizer:
-    """The recognizer for a Hugging Face model directory: Whisper, or a kdforge CTC model.
+def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None, no_repeat_ngram_size: int = 0) -> Recognizer:
+    """The recognizer for a Hugging Face model directory: Whisper (``no_repeat_ngram_size``: see
+    :class:`WhisperRecognizer`), or a kdforge CTC model.
 
     Raises:
         KdforgeError: no ``config.json``, or a model type kdforge cannot decode.
@@ -138,4 +143,4 @@ def load_recognizer(model_dir: str | Path, audio_ctx: int | None = None) -> Reco
         raise KdforgeError(f"{model_dir} holds a {model_type!r} model; `kdforge eval` decodes Whisper and "
                            "kdforge's CTC models")
     model, processor = load_whisper(model_dir, audio_ctx=audio_ctx)
-    return WhisperRecognizer(model, processor)
+    return WhisperRecognizer(model, processor, no_repeat_ngram_size=no_repeat_ngram_size)

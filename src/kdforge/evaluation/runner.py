@@ -98,13 +98,14 @@ def evaluate_recognizer(recognizer: Recognizer, data_dir: str | Path, batch_size
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, batch_size: int = 8, audio_ctx: int | None = None,
-             out_jsonl: str | Path | None = None, progress: bool = True) -> dict:
-    """Load the model in ``model_dir`` (optionally cut to ``audio_ctx`` encoder positions) and score it
+             out_jsonl: str | Path | None = None, progress: bool = True, no_repeat_ngram_size: int = 0) -> dict:
+    """Load the model in ``model_dir`` (optionally cut to ``audio_ctx`` encoder positions, optionally
+    with the loop guard of :class:`~kdforge.evaluation.recognizers.WhisperRecognizer`) and score it
     on the audiofolder ``data_dir``; see :func:`score_records` for the result.
 
     The data and ``out_jsonl`` are checked before the model is loaded, so mistakes fail fast.
     """
     out_jsonl = check_new_file(out_jsonl)
     records = read_metadata(data_dir)
-    recognizer = load_recognizer(model_dir, audio_ctx=audio_ctx)
+    recognizer = load_recognizer(model_dir, audio_ctx=audio_ctx, no_repeat_ngram_size=no_repeat_ngram_size)
     return score_records(recognizer, records, batch_size, out_jsonl, progress)

@@ -221,14 +221,19 @@ def rlkd_ranking_loss(
     if teacher_leading_shape(teacher_logits) != leading:
         raise ValueError("teacher and student positions differ")
     rows = valid_rows(leading, mask, student_logits.device)
-    student = student_logits.reshape(-1, vocab_size)[row_selector(rows)]
+    flat = student_logits.reshape(-1, vocab_size)
+    positions = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows
     teacher = teacher_rows(teacher_logits, row_selector(rows))
-    ids, in_union = exact_topk_union(teacher_topk(teacher, k), student.detach().topk(k, dim=-1).indices)
-    if rank_on == "probs":
-        student = torch.softmax(student.to(torch.promote_types(student.dtype, torch.float32)), -1)
+    # Full-vocabulary rows are read in place, never copied: only (n, 2k) scores leave them, so the
+    # backward pass writes n * 2k gradients instead of scattering whole rows back.
+    student_top = flat.detach().topk(k, dim=-1).indices[positions]
+    ids, in_union = exact_topk_union(teacher_topk(teacher, k), student_top)
     # Only (n, 2k) scores are ranked: float64 costs nothing here and keeps values / eps exact
     # when eps is small (float32 would lose the ranks' fractions at values / eps ~ 1e5).
-    student_scores = student.gather(-1, ids).double()
+    student_scores = flat[positions.unsqueeze(-1), ids].double()
+    if rank_on == "probs":  # softmax at the union's ids: exp(logit - logsumexp of the row)
+        log_partition = flat.to(torch.promote_types(flat.dtype, torch.float32)).logsumexp(-1)[positions]
+        student_scores = (student_scores - log_partition.double().unsqueeze(-1)).exp()
     teacher_scores = _teacher_scores(teacher, ids, vocab_size, rank_on).double()
     rho = masked_pearson(
         soft_rank(student_scores, regularization_strength, in_union),

@@ -11,7 +11,11 @@ training target (:mod:`kdforge.teachers.build`): the reference for the labelled 
 * ``L_LPPM`` (:func:`kdforge.alignment.lppm_loss`) reaches every mapped teacher, whatever its
   vocabulary, frame rate or width: the student's encoder hidden states of ``student_layers`` go
   through learned projections, each teacher's paired layers through fixed seeded isometries, into
-  one space of dimension ``D``; teacher frames are resampled to the student's frames.
+  one space of dimension ``D``; teacher frames are resampled to the student's frames. With
+  ``decoder_layers`` the student's decoder states are mapped too, their points the target tokens,
+  each Whisper teacher's (teacher-forced on the same text, in its own tokenization) resampled to
+  the student's tokens; the term is then the mean over all mapped layers, each the mean over its
+  points.
 
 No teacher runs during training: a missing cache is built first, a stale one refused.
 """
@@ -80,6 +84,50 @@ def layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
     return student_layers, plan
 
 
+def decoder_depth(model_dir: str | Path) -> int | None:
+    """Decoder hidden states (the token embedding counted) of a Whisper model; None without a decoder."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config.decoder_layers + 1 if config.model_type == "whisper" else None
+
+
+def student_decoder_depth(student) -> int:
+    """Decoder hidden states of the student a ``student:`` config section loads or builds."""
+    if student.path is not None:
+        return decoder_depth(student.path)
+    return (len(student.layers) if student.layers is not None else student.num_layers or 2) + 1
+
+
+def decoder_layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
+    """The student's mapped decoder hidden states (``alignment.decoder_layers``) and, per Whisper
+    teacher, the uniform map's paired ones; teachers without a decoder are left out.
+
+    Raises:
+        KdforgeError: a decoder layer the student lacks.
+    """
+    student_layers = config.alignment.decoder_layers if config.alignment else []
+    if not student_layers:
+        return [], {}
+    depth = student_decoder_depth(config.student)
+    outside = [layer for layer in student_layers if not 0 <= layer < depth]
+    if outside:
+        raise KdforgeError(f"alignment.decoder_layers names layer {outside[0]}, but the student has decoder "
+                           f"hidden states 0..{depth - 1}")
+    depths = {t.label: decoder_depth(t.path) for t in config.teachers}
+    return student_layers, {name: uniform_layer_map(student_layers, depth, teacher_depth)
+                            for name, teacher_depth in depths.items() if teacher_depth is not None}
+
+
+def cache_expectations(config) -> dict[str, tuple[Path, dict]]:
+    """Per teacher, its model folder and the settings a cache must have been built with to serve ``config``."""
+    _, plan = layer_plan(config)
+    _, decoder_plan = decoder_layer_plan(config)
+    settings = {"top_k": config.cache.top_k, "audio_ctx": config.audio.audio_ctx, "labelled": config.data.labelled}
+    return {t.label: (t.path, {"layers": plan[t.label], "decoder_layers": decoder_plan.get(t.label, []), **settings})
+            for t in config.teachers}
+
+
 def open_cache(config) -> TeacherCache:
     """The run's teacher cache (``cache.dir``), built first if the folder does not exist yet."""
     from kdforge.teachers.build import build_cache_from_config
@@ -87,11 +135,9 @@ def open_cache(config) -> TeacherCache:
     if config.cache.dir is None:
         raise KdforgeError("distilling from ASR teachers reads a teacher cache: set cache.dir "
                            "(it is built there if the folder does not exist)")
-    _, plan = layer_plan(config)
+    expected = cache_expectations(config)  # a bad layer map is named before anything is built
     if not (config.cache.dir / "manifest.json").exists():
         build_cache_from_config(config, config.cache.dir)
-    settings = {"top_k": config.cache.top_k, "audio_ctx": config.audio.audio_ctx, "labelled": config.data.labelled}
-    expected = {t.label: (t.path, {"layers": plan[t.label], **settings}) for t in config.teachers}
     cache = TeacherCache(config.cache.dir, expected, data_fingerprint(config.data.train))
     members = cache.members()
     if members != [t.label for t in config.teachers]:  # their order breaks ties in the ensemble's vote
@@ -130,6 +176,12 @@ class WhisperDistillationTask(WhisperTask):
         self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
         self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
         self.teacher_weights = torch.tensor([t.weight for t in self.mapped])
+        self.decoder_layers, decoder_plan = decoder_layer_plan(config) if self.mapped else ([], {})
+        self.decoder_mapped = [t for t in self.mapped if t.label in decoder_plan]
+        if self.decoder_layers and not self.decoder_mapped:
+            raise KdforgeError("alignment.decoder_layers is set, but no mapped teacher has a decoder")
+        self.teacher_decoder_layers = {t.label: decoder_plan[t.label] for t in self.decoder_mapped}
+        self.decoder_weights = torch.tensor([t.weight for t in self.decoder_mapped])
         self._add_adapters()
         torch.manual_seed(config.training.seed + 1)  # the same heads whether or not student-init was just built
         self.heads = self._projection_heads() if self.mapped else None
@@ -142,11 +194,14 @@ class WhisperDistillationTask(WhisperTask):
         if self.heads is not None:
             self.heads.to(device)
         self.teacher_weights = self.teacher_weights.to(device)
+        self.decoder_weights = self.decoder_weights.to(device)
 
     def teachers_used(self) -> dict[str, list[str]]:
-        """Which teachers fed which term: ``targets`` (the ensemble's transcripts), ``logit``, ``lppm``."""
-        return {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
+        """Which teachers fed which term: ``targets`` (the ensemble's transcripts), ``logit``, ``lppm``
+        and, with ``alignment.decoder_layers``, ``lppm_tokens``."""
+        used = {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
                 "logit": self.logit_teachers, "lppm": [t.label for t in self.mapped]}
+        return used | ({"lppm_tokens": [t.label for t in self.decoder_mapped]} if self.decoder_layers else {})
 
     def _check_cached_labels(self) -> None:
         """The logit teachers were teacher-forced on exactly the student's target tokens."""
@@ -158,27 +213,37 @@ class WhisperDistillationTask(WhisperTask):
                                        "target tokens; rebuild the cache")
 
     def _projection_heads(self) -> torch.nn.ModuleDict:
-        """Student projections (learned, one per mapped layer) and teacher maps (fixed by default)."""
+        """Student projections (learned, one per mapped layer) and teacher maps (fixed by default);
+        ``decoder_student`` and ``decoder_teachers`` likewise for the mapped decoder layers."""
         alignment = self.config.alignment
-        widths = {t.label: encoder_shape(t.path)[1] for t in self.mapped}
+        widths = {t.label: encoder_shape(t.path)[1] for t in self.mapped}  # a Whisper decoder is as wide
         student_width = self.student.config.d_model
         dim = alignment.dim or shared_dimension([student_width, *widths.values()])
+
+        def teacher_maps(teachers: list, layers: int, first_seed: int) -> torch.nn.ModuleList:
+            # a list in the order of teachers: names such as "whisper-tiny.en" are not module names
+            return torch.nn.ModuleList([TeacherProjection(widths[t.label], dim, layers, first_seed + index,
+                                                          kind=alignment.teacher_map) for index, t in enumerate(teachers)])
+
         layers = len(self.student_layers)
-        # a list in the order of self.mapped: teacher names such as "whisper-tiny.en" are not module names
-        teachers = torch.nn.ModuleList([TeacherProjection(width, dim, layers, alignment.seed + index,
-                                                          kind=alignment.teacher_map)
-                                        for index, width in enumerate(widths.values())])
-        return torch.nn.ModuleDict({"student": StudentProjection(student_width, dim, layers, kind=alignment.projection),
-                                    "teachers": teachers})
+        heads = torch.nn.ModuleDict({"student": StudentProjection(student_width, dim, layers, kind=alignment.projection),
+                                     "teachers": teacher_maps(self.mapped, layers, alignment.seed)})
+        if self.decoder_layers:  # made after the encoder's heads, which stay what they were without these
+            layers = len(self.decoder_layers)
+            heads["decoder_student"] = StudentProjection(student_width, dim, layers, kind=alignment.projection)
+            heads["decoder_teachers"] = teacher_maps(self.decoder_mapped, layers, alignment.seed + len(self.mapped))
+        return heads
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """:meth:`WhisperTask.batch` plus the teachers' cached signals for these utterances.
 
         Adds ``encoder_frames (B,)`` (the student's frames of speech), ``teacher_topk`` (a
         :class:`~kdforge.losses.TopKTeacher` on the ``(B, L)`` target grid: the weighted mean of the teachers that
-        share the student's vocabulary, :func:`kdforge.teachers.ensemble.ensemble_top_k`), and per
+        share the student's vocabulary, :func:`kdforge.teachers.ensemble.ensemble_top_k`), per
         mapped teacher ``hidden/<name>`` ``(layers, B, T_s, d_m)``: its cached hidden states
-        resampled to the student's frames (zero beyond them).
+        resampled to the student's frames (zero beyond them), and per decoder-mapped teacher
+        ``decoder/<name>`` ``(layers, B, L, d_m)``: its cached decoder states at its text tokens
+        resampled to the student's, on the target grid (zero outside ``target_mask``).
         """
         batch = super().batch(indices)
         window = batch["features"].shape[-1] // 2
@@ -204,6 +269,19 @@ class WhisperDistillationTask(WhisperTask):
                 per_layer.append(resample_time(padded, lengths, batch["encoder_frames"], window,
                                                mode=self.config.alignment.resample))
             batch[f"hidden/{teacher.label}"] = torch.stack(per_layer)
+        tokens = batch["target_mask"].sum(dim=1)  # the text tokens and the end, from prompt_length - 1 on
+        for teacher in self.decoder_mapped:
+            names = [f"decoder.{layer}" for layer in self.teacher_decoder_layers[teacher.label]]
+            signals = self.cache.batch(teacher.label, utterances, names)
+            lengths = torch.tensor([s[names[0]].shape[0] for s in signals])
+            per_layer = []
+            for name in names:
+                padded = torch.nn.utils.rnn.pad_sequence([s[name].float() for s in signals], batch_first=True)
+                resampled = resample_time(padded, lengths, tokens, int(tokens.max()), mode=self.config.alignment.resample)
+                grid = torch.zeros(*batch["targets"].shape, padded.shape[-1])
+                grid[:, self.prompt_length - 1 : self.prompt_length - 1 + resampled.shape[1]] = resampled
+                per_layer.append(grid)
+            batch[f"decoder/{teacher.label}"] = torch.stack(per_layer)
         return batch
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -219,6 +297,12 @@ class WhisperDistillationTask(WhisperTask):
         if self.mapped:
             alignment = self.config.alignment
             terms["lppm"], extra = self._lppm(output.encoder_hidden_states, batch)
+            if self.decoder_layers:
+                terms["lppm_tokens"], token_extra = self._token_lppm(output.decoder_hidden_states, batch)
+                frame_share = len(self.student_layers) / (len(self.student_layers) + len(self.decoder_layers))
+                terms["lppm_frames"] = terms["lppm"]
+                terms["lppm"] = frame_share * terms["lppm_frames"] + (1 - frame_share) * terms["lppm_tokens"]
+                extra = None if extra is None else frame_share * extra + (1 - frame_share) * token_extra
             total = total + alignment.weight * linear_warmup(self.step, alignment.warmup_steps) * terms["lppm"]
             if extra is not None:
                 terms["infonce"] = extra
@@ -233,21 +317,49 @@ class WhisperDistillationTask(WhisperTask):
         # Point-wise, the loss averages over frames of speech only and most of the window is padding:
         # mapping just those frames, as one row (1, N, .) of N points, leaves that average unchanged.
         select = (lambda states: states[frames][None]) if alignment.pointwise else (lambda states: states)
-        student = torch.stack([self.heads["student"](select(hidden_states[layer]), slot)
-                               for slot, layer in enumerate(self.student_layers)])
-        teachers = torch.stack([torch.stack([self.heads["teachers"][m](select(batch[f"hidden/{t.label}"][slot]), slot)
-                                             for slot in range(len(self.student_layers))])
-                                for m, t in enumerate(self.mapped)])
+        student, teachers = self._project("", [select(hidden_states[layer]) for layer in self.student_layers],
+                                          [[select(layer) for layer in batch[f"hidden/{t.label}"]] for t in self.mapped])
         if alignment.pointwise:
             mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=device)
         else:
             student = torch.stack([pool_utterance(points, frames) for points in student])
             teachers = torch.stack([torch.stack([pool_utterance(points, frames) for points in layers]) for layers in teachers])
             mask = torch.ones(frames.shape[0], 1, dtype=torch.bool, device=device)
-        loss = lppm_loss(student, teachers, mask, self.teacher_weights, target=alignment.target,
+        return self._group_loss(student, teachers, mask, self.teacher_weights)
+
+    def _token_lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_lppm` over token points: the decoder states at the target positions."""
+        tokens = batch["target_mask"]
+        student, teachers = self._project("decoder_", [hidden_states[layer][tokens][None] for layer in self.decoder_layers],
+                                          [[layer[tokens][None] for layer in batch[f"decoder/{t.label}"]]
+                                           for t in self.decoder_mapped])
+        mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=student.device)
+        return self._group_loss(student, teachers, mask, self.decoder_weights)
+
+    def _group_loss(self, student: Tensor, teachers: Tensor, mask: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:func:`~kdforge.alignment.lppm_loss` of one group's points, and the InfoNCE term when the teacher
+        maps are learned (shapes as :meth:`_project` returns them, ``mask (B, T)``)."""
+        alignment = self.config.alignment
+        loss = lppm_loss(student, teachers, mask, weights, target=alignment.target,
                          point_loss=alignment.point_loss, normalize=alignment.normalize)
         if alignment.teacher_map != "learned":
             return loss, None
         # learned teacher maps could collapse every point onto one: contrast each student point with its own
-        contrast = torch.stack([infonce_loss(student[-1][mask], teachers[m, -1][mask]) for m in range(len(self.mapped))])
+        contrast = torch.stack([infonce_loss(student[-1][mask], teachers[m, -1][mask]) for m in range(len(teachers))])
         return loss, contrast.mean()
+
+    def _project(self, group: str, student_states: list[Tensor], teacher_states: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+        """One group's points in the shared space (``group``: ``""`` for frames, ``"decoder_"`` for tokens).
+
+        Args:
+            student_states: per mapped student layer ``(B, T, d_s)``.
+            teacher_states: per mapped teacher, per layer ``(B, T, d_m)``.
+
+        Returns:
+            ``(L, B, T, D)`` student and ``(M, L, B, T, D)`` teacher points.
+        """
+        student = torch.stack([self.heads[f"{group}student"](states, slot) for slot, states in enumerate(student_states)])
+        teachers = torch.stack([torch.stack([self.heads[f"{group}teachers"][m](states, slot)
+                                             for slot, states in enumerate(layers)])
+                                for m, layers in enumerate(teacher_states)])
+        return student, teachers

@@ -9,6 +9,8 @@ again and stores, per utterance (:mod:`kdforge.teachers.cache`):
 
 * ``hidden.<l>``: the encoder's hidden states of each kept layer ``l`` (0 = the input embedding),
   ``(frames, width)`` float16, cut to the utterance's own frames;
+* ``decoder.<l>`` (Whisper teachers, the decoder layers kept): the decoder's hidden states at the
+  text positions below, ``(L, width)`` float16;
 * ``pseudo_label``: the teacher's own greedy transcript, UTF-8 bytes as uint8;
 * Whisper teachers, teacher-forced on the training target in their own tokenization:
   ``label_ids (L,)`` and, at each text position, the top-k of the next-token distribution
@@ -50,7 +52,7 @@ def _text_bytes(text: str) -> Tensor:
 
 @torch.no_grad()
 def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str], layers: list[int],
-                    k: int) -> list[dict]:
+                    k: int, decoder_layers: list[int] = ()) -> list[dict]:
     """A Whisper teacher's hidden states and top-k teacher-forced on ``texts``, for one batch."""
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features
@@ -60,7 +62,8 @@ def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str],
     inputs = torch.full((len(labels), length), tokenizer.eos_token_id, dtype=torch.long)
     for row, ids in enumerate(labels):
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-    logits = model(encoder_outputs=(encoded.last_hidden_state,), decoder_input_ids=inputs).logits
+    decoded = model(encoder_outputs=(encoded.last_hidden_state,), decoder_input_ids=inputs,
+                    output_hidden_states=bool(decoder_layers))
     prompt = decoder_prompt_length(tokenizer)
     window = features.shape[-1] // 2
     out = []
@@ -68,7 +71,9 @@ def whisper_signals(model, processor, audio: list[np.ndarray], texts: list[str],
         frames = min(window, math.ceil(len(samples) / extractor.hop_length / 2))  # the encoder halves the mel rate
         text_positions = slice(prompt - 1, len(labels[row]) - 1)  # logits predicting the text and its end
         out.append({**{f"hidden.{layer}": encoded.hidden_states[layer][row, :frames].half() for layer in layers},
-                    "label_ids": torch.tensor(labels[row][prompt:]), **top_k_signals(logits[row, text_positions], k)})
+                    **{f"decoder.{layer}": decoded.decoder_hidden_states[layer][row, text_positions].half()
+                       for layer in decoder_layers},
+                    "label_ids": torch.tensor(labels[row][prompt:]), **top_k_signals(decoded.logits[row, text_positions], k)})
     return out
 
 
@@ -107,11 +112,11 @@ def transcribe_teacher(name: str, model_dir: str, data_dir: str, batch_size: int
     return texts, time.perf_counter() - started
 
 
-def teacher_signals(model_dir: str | Path, layers: list[int], k: int,
-                    audio_ctx: int | None) -> Callable[[list[np.ndarray], list[str]], list[dict]]:
+def teacher_signals(model_dir: str | Path, layers: list[int], k: int, audio_ctx: int | None,
+                    decoder_layers: list[int] = ()) -> Callable[[list[np.ndarray], list[str]], list[dict]]:
     """The teacher in ``model_dir``, loaded, as a function of a batch's audio and training targets
     to each utterance's signals (:func:`whisper_signals` or :func:`ctc_signals`; a CTC teacher
-    ignores the targets)."""
+    ignores the targets and has no decoder layers)."""
     if model_type_of(model_dir) == "wav2vec2-bert":
         from transformers import Wav2Vec2BertForCTC, WhisperFeatureExtractor
 
@@ -126,12 +131,13 @@ def teacher_signals(model_dir: str | Path, layers: list[int], k: int,
         model, processor = load_whisper(model_dir, audio_ctx)
 
         def signals(batch_audio, texts):
-            return whisper_signals(model, processor, batch_audio, texts, layers, k)
+            return whisper_signals(model, processor, batch_audio, texts, layers, k, decoder_layers)
     return signals
 
 
 def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int, batch_size: int,
-                  threads: int, audio_ctx: int | None, targets: list[str], transcripts: list[str]) -> tuple[list[dict], float]:
+                  threads: int, audio_ctx: int | None, targets: list[str], transcripts: list[str],
+                  decoder_layers: list[int]) -> tuple[list[dict], float]:
     """Second pass: store one teacher's signals in ``root/<name>``; returns its shards and seconds.
 
     ``targets`` and ``transcripts`` (its own first-pass output) are per utterance, in data order.
@@ -140,7 +146,7 @@ def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: l
     started = time.perf_counter()
     records, audio = read_training_audio(data_dir)
     shards = TeacherShards(Path(root), name)
-    signals = teacher_signals(model_dir, layers, k, audio_ctx)
+    signals = teacher_signals(model_dir, layers, k, audio_ctx, decoder_layers)
     for start in batch_starts(len(records), batch_size, f"{name}: hidden states and top-k"):
         batch = slice(start, start + batch_size)
         for record, tensors, transcript in zip(records[batch], signals(audio[batch], targets[batch]), transcripts[batch]):
@@ -166,8 +172,11 @@ def _run_all(function, jobs: list[tuple], workers: int) -> list:
 
 def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str | Path, layers: dict[str, list[int]],
                 top_k: int = 32, batch_size: int = 8, workers: int = 1, audio_ctx: int | None = None,
-                labelled: int | None = None) -> dict:
+                labelled: int | None = None, decoder_layers: dict[str, list[int]] | None = None) -> dict:
     """Cache every teacher's signals over ``data_dir`` into ``out``; ``workers`` teachers run at once.
+
+    ``layers`` names each teacher's encoder hidden states to keep, ``decoder_layers`` (optional) the
+    decoder's of Whisper teachers.
 
     ``audio_ctx`` cuts Whisper teachers' window and ``labelled`` is ``data.labelled`` (which
     utterances keep their reference as training target); both are part of the cached settings.
@@ -180,6 +189,7 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.perf_counter()
     names = list(teachers)
+    decoder_layers = {name: (decoder_layers or {}).get(name, []) for name in names}
     with sealed_build(out) as out:
         first = _run_all(transcribe_teacher, [(n, str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
                                               for n in names], workers)
@@ -187,14 +197,16 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
         ensemble = ensemble_transcripts(transcripts)
         targets = [r.transcription if r.id in keep else chosen for r, chosen in zip(records, ensemble)]
         second = _run_all(cache_teacher, [(n, str(teachers[n]), str(data_dir), str(out), layers[n], top_k,
-                                           batch_size, threads, audio_ctx, targets, transcripts[n]) for n in names],
+                                           batch_size, threads, audio_ctx, targets, transcripts[n], decoder_layers[n])
+                                          for n in names],
                           workers)
         settings = {"top_k": top_k, "audio_ctx": audio_ctx, "labelled": labelled}
         written = {}
         for name, (shards, _) in zip(names, second):
             teacher = TeacherShards(out, name)
             teacher.shards = shards
-            written[name] = (model_identity(teachers[name]), {"layers": layers[name], **settings}, teacher)
+            written[name] = (model_identity(teachers[name]), {"layers": layers[name],
+                                                              "decoder_layers": decoder_layers[name], **settings}, teacher)
         choice = TeacherShards(out, ENSEMBLE)
         for record, chosen, target in zip(records, ensemble, targets):
             choice.add(record.id, {"pseudo_label": _text_bytes(chosen), "target": _text_bytes(target)})
@@ -208,10 +220,10 @@ def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
     """:func:`build_cache` for the teachers, training data and ``cache`` settings of a run config
     (``task: lm``: its LM counterpart, teachers one after another, ``workers`` unused).
 
-    Each teacher keeps the hidden states the student's layer map pairs with its own
-    (:func:`kdforge.tasks.asr_distill.layer_plan`).
+    Each teacher keeps the hidden states the student's layer maps pair with its own
+    (:func:`kdforge.tasks.asr_distill.layer_plan`, :func:`~kdforge.tasks.asr_distill.decoder_layer_plan`).
     """
-    from kdforge.tasks.asr_distill import layer_plan
+    from kdforge.tasks.asr_distill import decoder_layer_plan, layer_plan
 
     if config.task == "lm":
         from kdforge.tasks.lm import build_lm_cache_from_config
@@ -220,4 +232,4 @@ def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
     teachers = {teacher.label: teacher.path for teacher in config.teachers}
     return build_cache(teachers, config.data.train, out, layer_plan(config)[1], top_k=config.cache.top_k,
                        batch_size=config.cache.batch_size, workers=workers, audio_ctx=config.audio.audio_ctx,
-                       labelled=config.data.labelled)
+                       labelled=config.data.labelled, decoder_layers=decoder_layer_plan(config)[1])

@@ -42,6 +42,8 @@ MANIFEST = "manifest.json"
 ENSEMBLE = "ensemble"
 #: The signals of a cached next-token (or frame) distribution: the :class:`TopKTeacher` fields.
 TOP_K_FIELDS = ["topk_ids", "topk_logprobs", "tail_logprob"]
+#: Settings listing the hidden states kept (encoder, decoder): a cache keeping more serves a run mapping fewer.
+LAYER_SETTINGS = ("layers", "decoder_layers")
 
 
 def top_k_signals(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -243,7 +245,7 @@ class TeacherCache:
 
     The ensemble's transcripts, when the cache has them, are read as teacher :data:`ENSEMBLE`.
 
-    A cache holding more hidden-state layers than ``expected`` names serves the run.
+    A cache holding more hidden-state layers (:data:`LAYER_SETTINGS`) than ``expected`` names serves the run.
 
     Raises:
         KdforgeError: a teacher is missing, or its model, settings or the data differ (named).
@@ -264,10 +266,11 @@ class TeacherCache:
                 raise KdforgeError(f"the teacher cache {root} holds another model for {name!r} "
                                    f"(cached {entry['model'].get('path', '?')}, now {model_dir}); rebuild it")
             cached = entry["settings"]
-            changed = sorted(k for k in {*settings, *cached} - {"layers"} if settings.get(k) != cached.get(k))
-            absent = sorted(set(settings.get("layers") or []) - set(cached.get("layers") or []))
-            if absent:  # a cache holding more layers than a run maps serves it
-                changed.append(f"layers ({absent[0]} not cached)")
+            changed = sorted(k for k in {*settings, *cached} - set(LAYER_SETTINGS) if settings.get(k) != cached.get(k))
+            for key in LAYER_SETTINGS:  # a cache holding more layers than a run maps serves it
+                absent = sorted(set(settings.get(key) or []) - set(cached.get(key) or []))
+                if absent:
+                    changed.append(f"{key} ({absent[0]} not cached)")
             if changed:
                 raise KdforgeError(f"the teacher cache {root} was built for {name!r} with other settings "
                                    f"({', '.join(changed)} differ); rebuild it")

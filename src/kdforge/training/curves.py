@@ -7,9 +7,11 @@ from pathlib import Path
 
 
 def _plot_terms(axis, history: list[dict], title: str) -> None:
-    """Every logged loss term of ``history`` against the step on ``axis``."""
+    """Every logged loss term of ``history`` against the step on ``axis`` (gradient norms are not losses)."""
     steps = [entry["step"] for entry in history]
-    for name in [key for key in history[0] if key not in ("step", "lr", "eval")] if history else []:
+    terms = [key for key in history[0] if key not in ("step", "lr", "eval") and not key.startswith("grad_norm/")] \
+        if history else []
+    for name in terms:
         axis.plot(steps, [entry.get(name) for entry in history], label=name)
     axis.set(xlabel="step", ylabel="loss", title=title)
     if axis.get_legend_handles_labels()[0]:

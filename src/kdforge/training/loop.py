@@ -28,6 +28,7 @@ from kdforge.training import distributed
 from kdforge.training.checkpoint import (best_value, claim_run_folder, empty_run_folder, latest_checkpoint,
                                          load_checkpoint, rng_states, save_best, save_checkpoint)
 from kdforge.training.distributed import World
+from kdforge.training.objective import term_gradient_norms
 
 
 def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -57,23 +58,30 @@ def target_tokens(batches: list[dict]) -> int:
 
 
 def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out_dir: Path,
-                         step: int) -> dict[str, float]:
+                         step: int, norms_over: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Backpropagate this process's part of the global batch through its micro-batches; return the
     logged terms (this process's share of each batch mean).
 
     Each micro-batch's loss is a mean over its own target tokens; weighting it by its share of the
     global batch's ``batch_tokens`` target tokens makes the sum over micro-batches and processes
-    the mean over the whole batch, whatever the split.
+    the mean over the whole batch, whatever the split. With ``norms_over`` (parameters), each term's
+    gradient norm over them is logged too, as ``grad_norm/<term>`` (same weighting).
     """
     logged: dict[str, float] = {}
     for micro in micro_batches:
         share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
+        norms = {}
+        if norms_over:  # on a forward of its own: the chunked logit terms allow one backward per graph
+            with torch.random.fork_rng():  # the same random draws as the step's forward, which follows
+                norms = term_gradient_norms(task.loss(micro)[1], norms_over)
         loss, terms = task.loss(micro)
         if not torch.isfinite(loss):
             raise KdforgeError(f"the loss became {loss.item()} at step {step + 1}; stopped ({kept_checkpoint(out_dir)})")
         (loss * share).backward()
-        for name, value in {"loss": loss, **terms}.items():
-            logged[name] = logged.get(name, 0.0) + float(value.detach()) * share
+        values = {"loss": float(loss.detach()), **{name: float(value.detach()) for name, value in terms.items()},
+                  **{f"grad_norm/{name}": norm for name, norm in norms.items()}}
+        for name, value in values.items():
+            logged[name] = logged.get(name, 0.0) + value * share
     return logged
 
 
@@ -171,6 +179,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    student_weights = [p for p in task.student.parameters() if p.requires_grad]
     world.broadcast_from_main(list(trainable.values()))
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -206,7 +215,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             batch_tokens = world.sum(torch.tensor(target_tokens(micro_batches)))
             optimizer.zero_grad(set_to_none=True)
             task.step = step  # loss weights with a warm-up read it
-            step_terms = sum_terms(world, accumulate_gradients(task, micro_batches, int(batch_tokens), out_dir, step))
+            measure = settings.term_grad_norms_every and (step + 1) % settings.term_grad_norms_every == 0
+            step_terms = sum_terms(world, accumulate_gradients(task, micro_batches, int(batch_tokens), out_dir, step,
+                                                               student_weights if measure else None))
             world.sum_gradients(list(trainable.values()))
             # a finite loss can still give non-finite gradients; stepping them would poison the weights
             norm = torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm or float("inf"))

@@ -269,20 +269,29 @@ class WhisperDistillationTask(WhisperTask):
                 per_layer.append(resample_time(padded, lengths, batch["encoder_frames"], window,
                                                mode=self.config.alignment.resample))
             batch[f"hidden/{teacher.label}"] = torch.stack(per_layer)
-        tokens = batch["target_mask"].sum(dim=1)  # the text tokens and the end, from prompt_length - 1 on
         for teacher in self.decoder_mapped:
-            names = [f"decoder.{layer}" for layer in self.teacher_decoder_layers[teacher.label]]
-            signals = self.cache.batch(teacher.label, utterances, names)
-            lengths = torch.tensor([s[names[0]].shape[0] for s in signals])
-            per_layer = []
-            for name in names:
-                padded = torch.nn.utils.rnn.pad_sequence([s[name].float() for s in signals], batch_first=True)
-                resampled = resample_time(padded, lengths, tokens, int(tokens.max()), mode=self.config.alignment.resample)
-                grid = torch.zeros(*batch["targets"].shape, padded.shape[-1])
-                grid[:, self.prompt_length - 1 : self.prompt_length - 1 + resampled.shape[1]] = resampled
-                per_layer.append(grid)
-            batch[f"decoder/{teacher.label}"] = torch.stack(per_layer)
+            batch[f"decoder/{teacher.label}"] = self._token_points(teacher.label, utterances, batch["target_mask"])
         return batch
+
+    def _token_points(self, teacher: str, utterances: list[str], target_mask: Tensor) -> Tensor:
+        """A teacher's cached decoder states ``(layers, B, L, d_m)`` on the student's ``(B, L)`` target grid.
+
+        The teacher was teacher-forced on the same text in its own tokenization: its states at the
+        text tokens are resampled to the student's count, which start at ``prompt_length - 1``.
+        """
+        names = [f"decoder.{layer}" for layer in self.teacher_decoder_layers[teacher]]
+        signals = self.cache.batch(teacher, utterances, names)
+        lengths = torch.tensor([s[names[0]].shape[0] for s in signals])
+        tokens = target_mask.sum(dim=1)  # the text tokens and the end
+        first = self.prompt_length - 1
+        per_layer = []
+        for name in names:
+            padded = torch.nn.utils.rnn.pad_sequence([s[name].float() for s in signals], batch_first=True)
+            resampled = resample_time(padded, lengths, tokens, int(tokens.max()), mode=self.config.alignment.resample)
+            grid = torch.zeros(*target_mask.shape, padded.shape[-1])
+            grid[:, first : first + resampled.shape[1]] = resampled
+            per_layer.append(grid)
+        return torch.stack(per_layer)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         from kdforge.data.augment import spec_augment
@@ -310,7 +319,8 @@ class WhisperDistillationTask(WhisperTask):
         return total, terms
 
     def _lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """The projection-mapping loss, and the InfoNCE term when the teacher maps are learned."""
+        """The projection-mapping loss over frame points (encoder states), and the InfoNCE term when the
+        teacher maps are learned."""
         alignment = self.config.alignment
         window, device = hidden_states[0].shape[1], hidden_states[0].device
         frames = torch.arange(window, device=device) < batch["encoder_frames"][:, None]

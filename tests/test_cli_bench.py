@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kdforge.benchmarks import losses as loss_benchmark
+from kdforge.errors import KdforgeError
 
 
 def run_kdforge(*args: str) -> subprocess.CompletedProcess:
@@ -76,3 +77,6 @@ def test_an_override_under_a_section_a_method_leaves_out_does_not_turn_it_into_a
     assert kd.alignment is None and kd.objective.rlkd is None and kd.training.lr == 0.5
     ours = method_config("lora_lppm_rlkd", configs, 0, settings)
     assert ours.alignment.weight == 0.1 and ours.objective.rlkd.weight == 3.0 and ours.training.lr == 0.5
+    assert method_config("lora_lppm", configs, 0, ("teachers.0.weight=2.0",)).teachers[0].weight == 2.0
+    with pytest.raises(KdforgeError, match="trainng"):  # a misspelt section is named, not skipped
+        method_config("lora_logit_kd", configs, 0, ("trainng.lr=0.5",))

@@ -128,6 +128,7 @@ def test_gradient_accumulation_keeps_the_loss_scale(tiny_lm, tmp_path):
 def test_term_gradient_norms_are_each_terms_own_pull_and_leave_the_step_unchanged(tiny_lm, tmp_path):
     from kdforge.tasks.lm import LMTask
     from kdforge.training.loop import accumulate_gradients, target_tokens
+    from kdforge.training.objective import term_gradient_norms
 
     task = LMTask(config_for(tiny_lm), tmp_path)
     weights = [p for p in task.student.parameters() if p.requires_grad]
@@ -146,6 +147,8 @@ def test_term_gradient_norms_are_each_terms_own_pull_and_leave_the_step_unchange
         terms[name].backward(retain_graph=True)
         own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in weights]))
         assert measured[f"grad_norm/{name}"] == pytest.approx(float(own), rel=1e-5)
+    constant = {"ce": terms["ce"], "none": torch.tensor(1.0)}  # a term that reaches no weight pulls with 0
+    assert term_gradient_norms(constant, weights)["none"] == 0.0
     history = train(config_for(tiny_lm, term_grad_norms_every=2), tmp_path / "run", show_progress=False)
     entries = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries if "grad_norm/kd" in e] == [2, 4] and history["steps"] == 4

@@ -54,8 +54,11 @@ def test_a_run_resumes_on_another_device_setting_but_not_with_another_config(tmp
     config = load_config(TINY_LM, ["training.device=auto"])
     assert claim_run_folder(tmp_path / "run", config, resume=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    del saved["training"]["device"]  # as runs started before the setting existed saved it
+    for setting in ("device", "keep_checkpoints", "term_grad_norms_every"):
+        del saved["training"][setting]  # as runs started before a setting existed saved them: it has its default
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     assert not claim_run_folder(tmp_path / "run", load_config(TINY_LM, ["training.device=cpu"]), resume=True)
+    logging = load_config(TINY_LM, ["training.term_grad_norms_every=5"])  # what a run logs is not what it trains
+    assert not claim_run_folder(tmp_path / "run", logging, resume=True)
     with pytest.raises(KdforgeError, match="was started with another config"):
         claim_run_folder(tmp_path / "run", load_config(TINY_LM, ["training.lr=0.5"]), resume=True)

@@ -146,8 +146,9 @@ class TrainingConfig(StrictModel):
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     term_grad_norms_every: int = Field(0, ge=0, description="Every this many steps, log how hard each loss term "
                                        "pulls: the L2 norm of its unweighted gradient on the student's trainable "
-                                       "weights (projection heads left out), as grad_norm/<term>; costs one more forward "
-                                       "and a backward per term at those steps. 0: never.")
+                                       "weights (projection heads left out), as grad_norm/<term> (several micro-batches: "
+                                       "their token-weighted mean); costs one more forward and a backward per term "
+                                       "at those steps. 0: never.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints are kept.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the student (and any online teacher) "
                                                    "trains: auto = a GPU when torch sees one (GPU LOCAL_RANK under "

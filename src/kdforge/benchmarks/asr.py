@@ -20,6 +20,7 @@ from kdforge.config import RunConfig, load_config
 from kdforge.errors import KdforgeError
 from kdforge.evaluation.runner import evaluate
 from kdforge.files import write_json_atomic, write_text_atomic
+from kdforge.teachers.build import build_cache_from_config
 from kdforge.training.loop import train
 
 #: method key -> (config in configs/asr, overrides): the student rows of the comparison.
@@ -54,14 +55,20 @@ def count_parameters(model_dir: Path) -> int:
 
 
 def changes_a_setting_of(config: RunConfig, override: str) -> bool:
-    """Whether ``override`` (``a.b.c=value``) sets something ``config`` has. One under a section the
-    config leaves out (null: a KD row's ``alignment``, a row's ``objective.rlkd`` without RLKD) would
-    switch that section on and make the row another method."""
+    """Whether ``override`` (``a.b.c=value``, a number picking a list item) is for ``config``: False only
+    under a section the config leaves out (null: a KD row's ``alignment``, ``objective.rlkd`` without
+    RLKD), which it would switch on, making the row another method. A misspelt key counts as for the
+    config, so that validating it names the key."""
     node = config.model_dump()
     for key in override.split("=", 1)[0].strip().split(".")[:-1]:
-        node = node.get(key) if isinstance(node, dict) else None
-        if node is None:
-            return False
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, dict) and key in node:
+            if node[key] is None:
+                return False
+            node = node[key]
+        else:
+            return True
     return True
 
 
@@ -133,9 +140,12 @@ def run(out: Path, configs: Path, methods: tuple[str, ...], seeds: int, test_dir
     if unknown:
         raise KdforgeError(f"unknown method {unknown[0]!r}; known: {', '.join(STUDENT_METHODS)}")
     out.mkdir(parents=True, exist_ok=True)
+    some_config = method_config("lora_lppm", configs, 0, overrides, distil_overrides)
+    if some_config.cache.dir is not None and not (some_config.cache.dir / "manifest.json").exists():
+        # built from the mapping row (every layer any row maps), not by whichever teacher-reading row comes first
+        build_cache_from_config(some_config, some_config.cache.dir)
     runs = {m: [train_row(m, configs, out, seed, overrides, distil_overrides) for seed in range(seeds)]
             for m in methods}
-    some_config = method_config("lora_lppm", configs, 0, overrides, distil_overrides)
     teacher_params = {t.label: count_parameters(t.path) for t in some_config.teachers}
     rows = []
     if teachers_report is not None:

@@ -19,7 +19,7 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Utterances decoded together."),
     audio_ctx: int = typer.Option(None, "--audio-ctx", help="Whisper encoder positions kept (1500 = 30 s, 400 = 8 s)."),
     out: Path = typer.Option(None, "--out", help="New JSONL file keeping every hypothesis."),
-    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", min=0, help="Whisper: never repeat a token n-gram "
+    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", min=0, help="Whisper models (CTC ones cannot loop): never repeat a token n-gram "
                                         "of this size in a transcript (a guard against decoding loops); 0: plain "
                                         "greedy, as every documented number."),
 ) -> None:

@@ -49,7 +49,8 @@ class WhisperRecognizer:
     Multilingual checkpoints are told the language and task ("en", "transcribe") instead of
     detecting the language. ``no_repeat_ngram_size`` > 0 forbids any token n-gram of that size
     twice in a transcript: a guard against decoding loops ("of his name of his name ..."), which
-    plain greedy decoding (0, the default) lets run to the token budget.
+    plain greedy decoding (0, the default: the checkpoint's generation config decides) lets run to
+    the token budget.
     """
 
     def __init__(self, model: WhisperForConditionalGeneration, processor: WhisperProcessor, language: str = "en",
@@ -65,8 +66,9 @@ class WhisperRecognizer:
         self.prompt_tokens = decoder_prompt_length(processor.tokenizer)
         # a private copy: greedy with the KV cache
         self.generation_config = copy.deepcopy(generation)
-        self.generation_config.update(do_sample=False, num_beams=1, use_cache=True,
-                                      no_repeat_ngram_size=no_repeat_ngram_size)
+        self.generation_config.update(do_sample=False, num_beams=1, use_cache=True)
+        if no_repeat_ngram_size:  # otherwise the checkpoint's own generation setting stands
+            self.generation_config.no_repeat_ngram_size = no_repeat_ngram_size
 
     @property
     def window_seconds(self) -> float:

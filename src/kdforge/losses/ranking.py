@@ -224,15 +224,16 @@ def rlkd_ranking_loss(
     flat = student_logits.reshape(-1, vocab_size)
     positions = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows
     teacher = teacher_rows(teacher_logits, row_selector(rows))
-    # Full-vocabulary rows are read in place, never copied: only (n, 2k) scores leave them, so the
-    # backward pass writes n * 2k gradients instead of scattering whole rows back.
+    # Full-vocabulary rows are read in place, not copied (ranking probabilities needs their log-partition):
+    # only (n, 2k) scores leave them, so the backward writes n * 2k gradients, not whole rows.
     student_top = flat.detach().topk(k, dim=-1).indices[positions]
     ids, in_union = exact_topk_union(teacher_topk(teacher, k), student_top)
     # Only (n, 2k) scores are ranked: float64 costs nothing here and keeps values / eps exact
     # when eps is small (float32 would lose the ranks' fractions at values / eps ~ 1e5).
     student_scores = flat[positions.unsqueeze(-1), ids].double()
     if rank_on == "probs":  # softmax at the union's ids: exp(logit - logsumexp of the row)
-        log_partition = flat.to(torch.promote_types(flat.dtype, torch.float32)).logsumexp(-1)[positions]
+        rows_used = flat.index_select(0, positions)
+        log_partition = rows_used.to(torch.promote_types(flat.dtype, torch.float32)).logsumexp(-1)
         student_scores = (student_scores - log_partition.double().unsqueeze(-1)).exp()
     teacher_scores = _teacher_scores(teacher, ids, vocab_size, rank_on).double()
     rho = masked_pearson(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -43,8 +44,10 @@ def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> bool:
         if not resume:
             raise KdforgeError(f"{out_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
         try:
-            same = _resumable_settings(json.loads(saved.read_text())) == _resumable_settings(config.model_dump(mode="json"))
-        except (OSError, json.JSONDecodeError):
+            # read back through the schema: a run saved before a setting existed has that setting's default
+            started = RunConfig.model_validate(json.loads(saved.read_text())).model_dump(mode="json")
+            same = _resumable_settings(started) == _resumable_settings(config.model_dump(mode="json"))
+        except (OSError, json.JSONDecodeError, ValidationError):
             raise KdforgeError(f"{saved} is unreadable; this run cannot be resumed") from None
         if not same:
             raise KdforgeError(f"{out_dir} was started with another config; resume with the same one")
@@ -57,8 +60,10 @@ def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> bool:
 
 
 def _resumable_settings(config: dict) -> dict:
-    """What a resumed run must share with the run it continues: everything but the device it trains on."""
-    return {**config, "training": {k: v for k, v in config.get("training", {}).items() if k != "device"}}
+    """What a resumed run must share with the run it continues: everything but the device it trains on
+    and what it logs (``term_grad_norms_every``)."""
+    return {**config, "training": {k: v for k, v in config.get("training", {}).items()
+                                   if k not in ("device", "term_grad_norms_every")}}
 
 
 def empty_run_folder(out_dir: Path) -> None:

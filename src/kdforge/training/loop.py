@@ -72,7 +72,9 @@ def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out
         share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
         norms = {}
         if norms_over:  # on a forward of its own: the chunked logit terms allow one backward per graph
-            with torch.random.fork_rng():  # the same random draws as the step's forward, which follows
+            # the same random draws as the step's forward, which follows
+            device = norms_over[0].device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 norms = term_gradient_norms(task.loss(micro)[1], norms_over)
         loss, terms = task.loss(micro)
         if not torch.isfinite(loss):

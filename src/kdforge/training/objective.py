@@ -70,11 +70,13 @@ def term_gradient_norms(terms: dict[str, Tensor], parameters: list[Tensor]) -> d
     Args:
         terms: scalar loss terms of one forward pass (e.g. the ``terms`` of :func:`token_loss_terms`).
         parameters: the trainable tensors; the forward graph is kept, so the terms can be differentiated
-            one after another.
+            one after another. A term that reaches none of them (e.g. an LPPM layer below every LoRA
+            adapter, which trains only its projection head) pulls with norm 0.
     """
     norms = {}
     for name, value in terms.items():
-        gradients = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
-        norms[name] = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in gradients if g is not None])))
+        gradients = [] if not value.requires_grad else \
+            torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+        reached = [torch.linalg.vector_norm(g) for g in gradients if g is not None]
+        norms[name] = float(torch.linalg.vector_norm(torch.stack(reached))) if reached else 0.0
     return norms

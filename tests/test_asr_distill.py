@@ -266,3 +266,25 @@ def test_token_points_are_the_teachers_decoder_states_on_the_target_grid_and_joi
     loss.backward()
     assert all(p.grad is not None for p in task.heads["decoder_student"].parameters())
     assert not any(p.requires_grad for p in task.heads["decoder_teachers"].parameters())
+
+
+def test_without_pointwise_alignment_token_points_are_pooled_per_utterance_like_frames(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, token_cache_dir):
+    from kdforge.alignment import lppm_loss, pool_utterance
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, token_cache_dir,
+                            alignment={"decoder_layers": [0, 1], "pointwise": False})
+    task = WhisperDistillationTask(config, tmp_path)
+    batch = task.batch([0, 1, 2])
+    tokens = batch["target_mask"]
+    output = task.student(input_features=batch["features"], decoder_input_ids=batch["inputs"], output_hidden_states=True)
+    term, _ = task._token_lppm(output.decoder_hidden_states, batch)
+    student = torch.stack([pool_utterance(task.heads["decoder_student"](output.decoder_hidden_states[layer], slot), tokens)
+                           for slot, layer in enumerate([0, 1])])
+    teacher = torch.stack([pool_utterance(task.heads["decoder_teachers"][0](batch["decoder/wide"][slot], slot), tokens)
+                           for slot in range(2)])
+    assert student.shape == (2, 3, 1, student.shape[-1])  # one point per utterance and layer
+    torch.testing.assert_close(term, lppm_loss(student, teacher[None], torch.ones(3, 1, dtype=torch.bool), torch.ones(1)))
+    task.config.alignment.pointwise = True  # the same points matched one by one: another loss
+    assert not torch.allclose(task._token_lppm(output.decoder_hidden_states, batch)[0], term)

@@ -319,37 +319,41 @@ class WhisperDistillationTask(WhisperTask):
         return total, terms
 
     def _lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """The projection-mapping loss over frame points (encoder states), and the InfoNCE term when the
-        teacher maps are learned."""
-        alignment = self.config.alignment
+        """The projection-mapping loss over frame points (encoder states of the frames of speech), and
+        the InfoNCE term when the teacher maps are learned."""
         window, device = hidden_states[0].shape[1], hidden_states[0].device
         frames = torch.arange(window, device=device) < batch["encoder_frames"][:, None]
-        # Point-wise, the loss averages over frames of speech only and most of the window is padding:
-        # mapping just those frames, as one row (1, N, .) of N points, leaves that average unchanged.
-        select = (lambda states: states[frames][None]) if alignment.pointwise else (lambda states: states)
-        student, teachers = self._project("", [select(hidden_states[layer]) for layer in self.student_layers],
-                                          [[select(layer) for layer in batch[f"hidden/{t.label}"]] for t in self.mapped])
-        if alignment.pointwise:
-            mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=device)
-        else:
-            student = torch.stack([pool_utterance(points, frames) for points in student])
-            teachers = torch.stack([torch.stack([pool_utterance(points, frames) for points in layers]) for layers in teachers])
-            mask = torch.ones(frames.shape[0], 1, dtype=torch.bool, device=device)
-        return self._group_loss(student, teachers, mask, self.teacher_weights)
+        return self._group_loss("", [hidden_states[layer] for layer in self.student_layers],
+                                [batch[f"hidden/{t.label}"] for t in self.mapped], frames, self.teacher_weights)
 
     def _token_lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """:meth:`_lppm` over token points: the decoder states at the target positions."""
-        tokens = batch["target_mask"]
-        student, teachers = self._project("decoder_", [hidden_states[layer][tokens][None] for layer in self.decoder_layers],
-                                          [[layer[tokens][None] for layer in batch[f"decoder/{t.label}"]]
-                                           for t in self.decoder_mapped])
-        mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=student.device)
-        return self._group_loss(student, teachers, mask, self.decoder_weights)
+        return self._group_loss("decoder_", [hidden_states[layer] for layer in self.decoder_layers],
+                                [batch[f"decoder/{t.label}"] for t in self.decoder_mapped], batch["target_mask"],
+                                self.decoder_weights)
 
-    def _group_loss(self, student: Tensor, teachers: Tensor, mask: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | None]:
-        """:func:`~kdforge.alignment.lppm_loss` of one group's points, and the InfoNCE term when the teacher
-        maps are learned (shapes as :meth:`_project` returns them, ``mask (B, T)``)."""
+    def _group_loss(self, group: str, student_states: list[Tensor], teacher_states: list[Tensor], valid: Tensor,
+                    weights: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:func:`~kdforge.alignment.lppm_loss` of one group's points (``group`` as for :meth:`_project`), and
+        the InfoNCE term when the teacher maps are learned.
+
+        Args:
+            student_states: per mapped student layer ``(B, T, d_s)``.
+            teacher_states: per mapped teacher ``(layers, B, T, d_m)``, on the student's ``T``.
+            valid: ``(B, T)`` bool, the points that count. Point-wise, only they are mapped, as one row
+                of N points (the loss's mean over them is unchanged, and most of a window is padding);
+                otherwise each utterance's mapped points are pooled into one.
+        """
         alignment = self.config.alignment
+        select = (lambda states: states[valid][None]) if alignment.pointwise else (lambda states: states)
+        student, teachers = self._project(group, [select(states) for states in student_states],
+                                          [[select(layer) for layer in layers] for layers in teacher_states])
+        if alignment.pointwise:
+            mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=student.device)
+        else:
+            student = torch.stack([pool_utterance(points, valid) for points in student])
+            teachers = torch.stack([torch.stack([pool_utterance(points, valid) for points in layers]) for layers in teachers])
+            mask = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=student.device)
         loss = lppm_loss(student, teachers, mask, weights, target=alignment.target,
                          point_loss=alignment.point_loss, normalize=alignment.normalize)
         if alignment.teacher_map != "learned":

@@ -260,12 +260,9 @@ class WhisperDistillationTask(WhisperTask):
             # a teacher without Whisper's window heard more than the student: keep the frames of the window
             heard = math.ceil(window / 50.0 * self.teacher_rates[teacher.label])
             lengths = torch.tensor([min(s[names[0]].shape[0], heard) for s in signals])
-            longest = int(lengths.max())
             per_layer = []
             for name in names:
-                padded = torch.zeros(len(signals), longest, signals[0][name].shape[-1])
-                for row, s in enumerate(signals):
-                    padded[row, : lengths[row]] = s[name][: lengths[row]].float()
+                padded = torch.nn.utils.rnn.pad_sequence([s[name][:heard].float() for s in signals], batch_first=True)
                 per_layer.append(resample_time(padded, lengths, batch["encoder_frames"], window,
                                                mode=self.config.alignment.resample))
             batch[f"hidden/{teacher.label}"] = torch.stack(per_layer)

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from kdforge.demo import DemoPlan, run_demo
+from kdforge.demo import DemoPlan, parse_teacher_steps, run_demo
+from kdforge.errors import KdforgeError
+from kdforge.evaluation.runner import evaluate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = dict(utterances=12, test_fraction=0.25, labelled=4, student_steps=2, ctc_size="tiny",
@@ -51,6 +53,9 @@ def test_the_demo_reports_every_row_and_exports_the_best_student(finished_demo):
     assert lppm["teachers_used"]["logit"] == ["whisper-base", "whisper-tiny.en"]
     ce = next(row for row in report["rows"] if row["method"] == "lora_ce")
     assert not any(ce.get("teachers_used", {}).values())  # labels only: the demo's teachers are not pushed into it
+    guarded = evaluate(out / "runs" / "lora_ce-s0" / "student", Path(report["test"]), batch_size=8,
+                       no_repeat_ngram_size=4)
+    assert ce["wer_guarded"]["values"] == [guarded["wer"]]  # every student is also scored with the loop guard
 
 
 def test_a_second_demo_with_other_methods_seeds_and_settings_reuses_the_teachers_and_cache(finished_demo):
@@ -68,8 +73,9 @@ def test_a_second_demo_with_other_methods_seeds_and_settings_reuses_the_teachers
     trained = json.loads((root / "again" / "runs" / "lora_ce-s1" / "config.json").read_text())
     assert trained["training"]["lr"] == 5.0e-4 != json.loads((root / "out" / "runs" / "lora_ce-s0" / "config.json")
                                                              .read_text())["training"]["lr"]
-    assert report["command"] == (f"kdforge demo --out {root / 'again'} --method lora_ce --seeds 2 "
-                                 "--student-steps 2 --set training.lr=5.0e-4")
+    assert report["command"] == (f"kdforge demo --out {root / 'again'} --method lora_ce --seeds 2 --student-steps 2 "
+                                 "--teacher-steps whisper-base=2 --teacher-steps whisper-tiny.en=2 "
+                                 "--teacher-steps ctc=2 --set training.lr=5.0e-4")
 
 
 def test_a_setting_that_changes_the_mapped_layers_gets_a_cache_of_its_own(finished_demo):
@@ -96,3 +102,14 @@ def test_a_finished_demo_folder_is_refused_and_left_alone(finished_demo, capsys)
     assert exit_info.value.code == 2
     assert "holds a finished demo" in capsys.readouterr().err
     assert before == {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+
+def test_teacher_budgets_are_named_steps_and_a_bad_one_is_refused_by_name():
+    defaults = DemoPlan().teacher_steps
+    longer = parse_teacher_steps(["whisper-base=120", "ctc=10"], defaults)
+    assert longer == {**defaults, "whisper-base": 120, "ctc": 10}
+    assert DemoPlan(teacher_steps=longer).key(CONFIGS) != DemoPlan().key(CONFIGS)  # another shared workspace
+    with pytest.raises(KdforgeError, match="unknown teacher 'whisper-small'"):
+        parse_teacher_steps(["whisper-small=10"], defaults)
+    with pytest.raises(KdforgeError, match="STEPS must be a whole number >= 1"):
+        parse_teacher_steps(["ctc=0"], defaults)

@@ -156,3 +156,34 @@ def test_no_valid_position_gives_zero_with_gradient():
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
         rlkd_ranking_loss(random_logits(2, 10), random_logits(2, 10), **kwargs)
+
+
+@pytest.mark.parametrize("objective", [forward_kl, None])
+def test_rlkd_through_a_sliced_view_gives_the_gradient_of_its_terms_taken_apart(objective):
+    # An LM's logits[:, :-1]: with a base objective the ranking term's gradient is sparse and joins the
+    # base's dense one in place; alone it is dense. Either way the gradient is that of the two terms apart.
+    hidden = random_logits(2, 6, 40, seed=18).requires_grad_()
+    teacher, mask = random_logits(2, 5, 40, seed=19), torch.tensor([[True] * 5, [True, True, False, True, False]])
+    kl_options = dict(temperature=2.0, chunk_size=3)
+    combined = rlkd_loss(hidden[:, :-1], teacher, mask, objective=objective, k=4, **kl_options).total
+    (together,) = torch.autograd.grad(combined, hidden)
+    apart = 2.0 * rlkd_ranking_loss(hidden[:, :-1], teacher, mask, k=4)
+    if objective is not None:
+        apart = apart + objective(hidden[:, :-1], teacher, mask, **kl_options)
+    (expected,) = torch.autograd.grad(apart, hidden)
+    assert together.layout == torch.strided and (together[:, -1] == 0).all()
+    torch.testing.assert_close(combined, apart)
+    torch.testing.assert_close(together, expected)
+
+
+def test_a_sparse_ranking_gradient_is_refused_where_a_reshape_would_meet_it():
+    with pytest.raises(ValueError, match="sparse gradient needs"):
+        rlkd_ranking_loss(random_logits(2, 3, 10), random_logits(2, 3, 10), k=3, sparse_gradient=True)
+
+
+def test_rlkd_refuses_a_teacher_or_mask_whose_positions_differ_before_flattening_them():
+    student = random_logits(2, 3, 10)
+    with pytest.raises(ValueError, match="teacher positions"):
+        rlkd_loss(student, random_logits(3, 2, 10), objective=forward_kl, k=3)
+    with pytest.raises(ValueError, match="mask has shape"):
+        rlkd_loss(student, random_logits(2, 3, 10), torch.ones(3, 2, dtype=torch.bool), objective=forward_kl, k=3)

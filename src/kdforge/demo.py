@@ -79,6 +79,24 @@ class DemoPlan:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def parse_teacher_steps(assignments: list[str], defaults: dict[str, int]) -> dict[str, int]:
+    """``defaults`` with ``NAME=STEPS`` assignments applied (``--teacher-steps whisper-base=120``).
+
+    Raises:
+        KdforgeError: a malformed assignment, an unknown teacher name or a step count below 1.
+    """
+    steps = dict(defaults)
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        if name not in TEACHER_CONFIGS:
+            raise KdforgeError(f"--teacher-steps {assignment!r}: unknown teacher {name!r}; "
+                               f"known: {', '.join(TEACHER_CONFIGS)}")
+        if not value.isdigit() or int(value) < 1:
+            raise KdforgeError(f"--teacher-steps {assignment!r}: STEPS must be a whole number >= 1")
+        steps[name] = int(value)
+    return steps
+
+
 def claim_output(out: Path, plan: DemoPlan) -> None:
     """Refuse a folder holding a finished demo or something else; record the plan in a new one.
 
@@ -108,6 +126,8 @@ def demo_command(out: Path, plan: DemoPlan) -> str:
         parts.append(f"--seeds {plan.seeds}")
     if plan.student_steps != default.student_steps:
         parts.append(f"--student-steps {plan.student_steps}")
+    parts += [f"--teacher-steps {name}={steps}" for name, steps in plan.teacher_steps.items()
+              if steps != default.teacher_steps.get(name)]
     parts += [f"--set {setting}" for setting in plan.student_settings]
     return " ".join(parts)
 

@@ -15,6 +15,9 @@ def demo(
                                      "lora_ce, lora_logit_kd, lora_lppm, lora_lppm_rlkd)."),
     seeds: int = typer.Option(1, min=1, help="Training seeds per student method."),
     student_steps: int = typer.Option(None, min=1, help="Steps per student (default: 60)."),
+    teacher_steps: list[str] = typer.Option([], "--teacher-steps", help="NAME=STEPS: adapt that teacher longer or "
+                                            "shorter (repeatable; default whisper-base=30, whisper-tiny.en=40, "
+                                            "ctc=300); other teacher budgets make another shared workspace."),
     settings: list[str] = typer.Option([], "--set", help="KEY=VALUE for every student's config (repeatable), e.g. "
                                        "alignment.weight=0.1 (not applied to a method whose config leaves that "
                                        "section out); teachers and cache are shared with other demos."),
@@ -27,8 +30,11 @@ def demo(
     from kdforge.benchmarks.asr import to_markdown
     from kdforge.demo import DemoPlan, run_demo
 
+    from kdforge.demo import parse_teacher_steps
+
     default = DemoPlan()
     plan = replace(default, methods=tuple(method) or default.methods, seeds=seeds,
-                   student_steps=student_steps or default.student_steps, student_settings=tuple(settings))
+                   student_steps=student_steps or default.student_steps, student_settings=tuple(settings),
+                   teacher_steps=parse_teacher_steps(teacher_steps, default.teacher_steps))
     report = run_demo(out, plan=plan, configs=configs, home=home)
     typer.echo(to_markdown(report))

@@ -191,6 +191,27 @@ def _teacher_scores(teacher: Teacher, ids: Tensor, vocab_size: int, rank_on: Ran
     return teacher.gather(-1, ids)
 
 
+class _ScoresWithSparseGradient(torch.autograd.Function):
+    """``flat[rows[:, None], ids]`` whose gradient is a sparse ``(n_rows, V)`` tensor of ``n * m`` entries.
+
+    Indexing's own backward scatters them into a dense zero tensor the size of ``flat``; added to
+    another dense gradient of ``flat`` that costs two full passes over the logits for a few entries.
+    A sparse one is added into the other gradient in place by autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, ids)
+        ctx.shape = flat.shape
+        return flat[rows.unsqueeze(-1), ids]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, ids = ctx.saved_tensors
+        where = torch.stack([rows.unsqueeze(-1).expand_as(ids).reshape(-1), ids.reshape(-1)])
+        return torch.sparse_coo_tensor(where, grad.reshape(-1), ctx.shape, check_invariants=False), None, None
+
+
 def rlkd_ranking_loss(
     student_logits: Tensor,
     teacher_logits: Teacher,
@@ -198,6 +219,7 @@ def rlkd_ranking_loss(
     k: int = 5,
     regularization_strength: float = 1.0,
     rank_on: RankOn = "logits",
+    sparse_gradient: bool = False,
 ) -> Tensor:
     """RLKD's ranking loss ``1 - mean Spearman`` over each position's exact top-k union.
 
@@ -209,6 +231,10 @@ def rlkd_ranking_loss(
         k: top-k size per model (>= 2); the union has k to 2k ids.
         regularization_strength: the soft rank's eps (torchsort's default 1.0, as the official code).
         rank_on: rank raw ``"logits"`` (official code) or softmax ``"probs"`` (the paper's text).
+        sparse_gradient: give ``(n, V)`` student logits a sparse gradient (``n * 2k`` entries) instead
+            of a dense one of their size. Only where a dense gradient of the same tensor joins it
+            (:func:`rlkd_loss` with a base objective): alone it cannot flow back through a view's
+            backward, such as an LM's ``logits[:, :-1]``.
 
     Returns:
         A scalar in [0, 2]; 0 with a gradient path when no position is valid.
@@ -220,8 +246,11 @@ def rlkd_ranking_loss(
     leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
     if teacher_leading_shape(teacher_logits) != leading:
         raise ValueError("teacher and student positions differ")
+    if sparse_gradient and student_logits.dim() != 2:
+        raise ValueError("a sparse gradient needs (n, V) logits: a reshape's backward cannot pass it on")
     rows = valid_rows(leading, mask, student_logits.device)
-    flat = student_logits.reshape(-1, vocab_size)
+    # Not reshaped when already flat: even a same-shape reshape adds a backward that a sparse gradient cannot pass.
+    flat = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, vocab_size)
     positions = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows
     teacher = teacher_rows(teacher_logits, row_selector(rows))
     # Full-vocabulary rows are read in place, not copied (ranking probabilities needs their log-partition):
@@ -230,7 +259,8 @@ def rlkd_ranking_loss(
     ids, in_union = exact_topk_union(teacher_topk(teacher, k), student_top)
     # Only (n, 2k) scores are ranked: float64 costs nothing here and keeps values / eps exact
     # when eps is small (float32 would lose the ranks' fractions at values / eps ~ 1e5).
-    student_scores = flat[positions.unsqueeze(-1), ids].double()
+    student_scores = (_ScoresWithSparseGradient.apply(flat, positions, ids) if sparse_gradient
+                      else flat[positions.unsqueeze(-1), ids]).double()
     if rank_on == "probs":  # softmax at the union's ids: exp(logit - logsumexp of the row)
         rows_used = flat.index_select(0, positions)
         log_partition = rows_used.to(torch.promote_types(flat.dtype, torch.float32)).logsumexp(-1)
@@ -285,6 +315,16 @@ def rlkd_loss(
     """
     if objective is None and rank_weight == 0:
         raise ValueError("rlkd_loss needs a base objective or a positive rank_weight")
+    leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
+    if teacher_leading_shape(teacher_logits) != leading:
+        raise ValueError(f"teacher positions {tuple(teacher_leading_shape(teacher_logits))} do not match "
+                         f"student positions {tuple(leading)}")
+    if mask is not None and mask.shape != leading:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(leading)}")
+    # Both terms read one flat (n, V) tensor (a single copy when the logits are a strided slice), so
+    # their gradients meet there and the ranking term's sparse one is added into the base's in place.
+    student_logits, teacher_logits = student_logits.reshape(-1, vocab_size), teacher_rows(teacher_logits, slice(None))
+    mask = None if mask is None else mask.reshape(-1)
     base = rank = None
     total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
     if objective is not None:
@@ -293,6 +333,7 @@ def rlkd_loss(
         base = objective(student_logits, teacher_logits, mask, **objective_options)
         total = total + base_weight * base
     if rank_weight != 0:
-        rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on)
+        rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on,
+                                 sparse_gradient=objective is not None)
         total = total + rank_weight * rank
     return RankedLoss(total, base, rank)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pool_utterance,
-                               resample_time, semi_orthogonal, shared_dimension, spherical_centroid,
+from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
+                               resample_points, semi_orthogonal, shared_dimension, spherical_centroid,
                                uniform_layer_map)
 from kdforge.errors import KdforgeError
 from kdforge.losses import cosine_loss, geodesic_loss, mse_loss
@@ -87,6 +87,16 @@ def test_learned_teacher_projection_is_trainable_and_starts_at_the_fixed_maps():
     assert torch.allclose(learned(hidden, 1), fixed(hidden, 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["fixed", "learned", "identity"])
+def test_mapping_every_layer_at_once_is_each_layer_through_its_own_map(kind):
+    projection = TeacherProjection(16, 16 if kind == "identity" else 64, 3, seed=9, kind=kind)
+    points = gaussian(3, 7, 16, seed=10)
+    together = projection.map_layers(points)
+    torch.testing.assert_close(together, torch.stack([projection(points[slot], slot) for slot in range(3)]))
+    with pytest.raises(ValueError, match=r"expected \(3, N, width\) points"):
+        projection.map_layers(points[:2])
+
+
 def test_identity_teacher_projection_needs_equal_widths():
     hidden = gaussian(2, 3, 8, seed=3)
     assert torch.equal(TeacherProjection(8, 8, 2, seed=0, kind="identity")(hidden, 1), hidden)
@@ -104,52 +114,47 @@ def test_student_projection_shapes_and_parameters(kind, per_layer):
 
 
 def test_resample_linear_places_a_ramp_at_the_new_centres():
-    ramp = torch.arange(6.0).reshape(1, 6, 1)
+    ramp = torch.arange(6.0).reshape(6, 1)
     # Output centre i of 4 sits at input position (i + 1/2) * 6/4 - 1/2.
-    out = resample_time(ramp, torch.tensor([6]), torch.tensor([4]), 5)
-    assert out.squeeze().tolist() == pytest.approx([0.25, 1.75, 3.25, 4.75, 0.0])
+    assert resample_points(ramp, 4).squeeze().tolist() == pytest.approx([0.25, 1.75, 3.25, 4.75])
     # Upsampling 2 -> 4: positions -0.25, 0.25, 0.75, 1.25, the outer two held at the edge frames.
-    out = resample_time(torch.tensor([[[0.0], [1.0]]]), torch.tensor([2]), torch.tensor([4]), 4)
-    assert out.squeeze().tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+    assert resample_points(torch.tensor([[0.0], [1.0]]), 4).squeeze().tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
 
 
 def test_resample_pool_averages_the_covered_frames():
-    ramp = torch.arange(6.0).reshape(1, 6, 1)
-    out = resample_time(ramp, torch.tensor([6]), torch.tensor([4]), 4, mode="pool")
-    assert out.squeeze().tolist() == pytest.approx([0.5, 1.5, 3.5, 4.5])
+    ramp = torch.arange(6.0).reshape(6, 1)
+    assert resample_points(ramp, 4, mode="pool").squeeze().tolist() == pytest.approx([0.5, 1.5, 3.5, 4.5])
 
 
 @pytest.mark.parametrize("mode", ["linear", "pool"])
-def test_resample_reads_only_each_utterances_valid_frames(mode):
-    points = gaussian(3, 8, 4, seed=5)
-    lengths_in, lengths_out = torch.tensor([8, 5, 3]), torch.tensor([6, 4, 2])
-    out = resample_time(points, lengths_in, lengths_out, 7, mode=mode)
-    poisoned = points.clone()
-    poisoned[1, 5:] = 1e6
-    poisoned[2, 3:] = -1e6
-    assert torch.equal(resample_time(poisoned, lengths_in, lengths_out, 7, mode=mode), out)
-    assert out.shape == (3, 7, 4)
-    for b, count in enumerate(lengths_out.tolist()):
-        assert torch.equal(out[b, count:], torch.zeros(7 - count, 4))
-        # Each utterance alone gives the same frames: no leakage across the batch either.
-        alone = resample_time(points[b:b + 1, :lengths_in[b]], lengths_in[b:b + 1], lengths_out[b:b + 1], count,
-                              mode=mode)
-        assert torch.equal(out[b, :count], alone[0])
+def test_packed_points_pair_with_the_students_masked_points_one_by_one(mode):
+    sequences = [gaussian(8, 4, seed=5).half(), gaussian(5, 4, seed=6).half(), gaussian(3, 4, seed=7).half()]
+    counts = [6, 5, 2]  # the second utterance's rate is the student's: copied as it is
+    packed = pack_points(sequences, counts, mode)
+    assert packed.shape == (13, 4) and packed.dtype == torch.float32
+    torch.testing.assert_close(packed[6:11], sequences[1].float())
+    for part, points, count in zip(packed.split(counts), sequences, counts):  # no leakage across utterances
+        torch.testing.assert_close(part, resample_points(points.float(), count, mode))
+    # the order of states[mask]: utterance by utterance, each one's points in time order
+    mask = torch.arange(7) < torch.tensor(counts)[:, None]
+    grid = torch.zeros(3, 7, 4)
+    grid[mask] = packed
+    torch.testing.assert_close(grid[1, :5], sequences[1].float())
+    assert grid[2, 2:].abs().sum() == 0
 
 
-def test_resample_with_equal_lengths_copies_the_valid_frames():
-    points = gaussian(2, 5, 3, seed=6)
-    lengths = torch.tensor([5, 3])
-    out = resample_time(points, lengths, lengths, 5)
-    assert torch.equal(out[0], points[0])
-    assert torch.equal(out[1, :3], points[1, :3]) and torch.equal(out[1, 3:], torch.zeros(2, 3))
+def test_resampling_nothing_into_something_is_refused():
+    with pytest.raises(ValueError, match="cannot resample 0 frames to 3"):
+        resample_points(torch.zeros(0, 2), 3)
+    with pytest.raises(ValueError, match="linear or pool"):
+        resample_points(torch.zeros(2, 2), 3, mode="nearest")
 
 
-def test_pool_utterance_ignores_padding():
-    nan, inf = float("nan"), float("inf")
-    points = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [nan, 1e9]], [[5.0, 6.0], [inf, 0.0], [0.0, 0.0]]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    assert pool_utterance(points, mask).tolist() == [[[2.0, 3.0]], [[5.0, 6.0]]]
+def test_pool_points_averages_each_utterances_points():
+    points = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]).expand(2, 3, 2)  # a leading layer axis
+    assert pool_points(points, [2, 1, 0]).tolist() == [[[2.0, 3.0], [5.0, 6.0], [0.0, 0.0]]] * 2
+    with pytest.raises(ValueError, match="counts sum to 2"):
+        pool_points(points, [1, 1])
 
 
 def test_spherical_centroid():

@@ -111,15 +111,17 @@ def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whispe
     config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     task = WhisperDistillationTask(config, tmp_path)
     batch = task.batch([0, 1, 2])
-    frames = batch["encoder_frames"]
+    frames = batch["encoder_frames"].tolist()
     for name, width in (("wide", 16), ("ctc.v1", 32)):
         hidden = batch[f"hidden/{name}"]
-        assert hidden.shape == (1, 3, 50, width)
-        for row in range(3):  # zero exactly beyond each utterance's own frames, and not before
-            assert hidden[0, row, frames[row]:].abs().sum() == 0
-            assert hidden[0, row, frames[row] - 1].abs().sum() > 0
-    cached = task.cache.signals("wide", task.ids[0], ["hidden.2"])["hidden.2"].float()
-    torch.testing.assert_close(batch["hidden/wide"][0, 0, : frames[0]], cached[: frames[0]])  # same rate: as cached
+        assert hidden.shape == (1, sum(frames), width)  # each utterance's frames of speech, packed
+        layer = f"hidden.{task.teacher_layers[name][0]}"
+        for row, part in enumerate(hidden[0].split(frames)):
+            cached = task.cache.signals(name, task.ids[row], [layer])[layer].float()
+            if name == "wide":  # the student's rate: as cached
+                torch.testing.assert_close(part, cached)
+            else:  # another rate: resampled to the student's frames
+                assert cached.shape[0] != frames[row] and bool((part.abs().sum(-1) > 0).all())
     teacher = batch["teacher_topk"]
     position = task.prompt_length - 1
     stored = task.cache.signals("wide", task.ids[0], ["topk_ids"])["topk_ids"]
@@ -140,11 +142,19 @@ def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(ti
     task = WhisperDistillationTask(config, tmp_path)
     batch = task.batch([0, 1, 2])
     batch["encoder_frames"] = torch.tensor([20, 35, 50])  # these utterances fill the tiny window: pretend they don't
+    for name in ("wide", "ctc.v1"):  # the teachers' points resampled to those frames, as batch() would
+        batch[f"hidden/{name}"] = task._packed(name, task.ids[:3], [f"hidden.{task.teacher_layers[name][0]}"], [20, 35, 50])
     output = task.student(input_features=batch["features"], decoder_input_ids=batch["inputs"], output_hidden_states=True)
     term, _ = task._lppm(output.encoder_hidden_states, batch)
     frames = torch.arange(50) < batch["encoder_frames"][:, None]
+
+    def on_the_grid(points):  # packed points back in the padded window, zero elsewhere
+        grid = points.new_zeros(3, 50, points.shape[-1])
+        grid[frames] = points
+        return grid
+
     student = torch.stack([task.heads["student"](output.encoder_hidden_states[1], 0)])
-    teachers = torch.stack([torch.stack([task.heads["teachers"][m](batch[f"hidden/{name}"][0], 0)])
+    teachers = torch.stack([torch.stack([task.heads["teachers"][m](on_the_grid(batch[f"hidden/{name}"][0]), 0)])
                             for m, name in enumerate(("wide", "ctc.v1"))])
     torch.testing.assert_close(term, lppm_loss(student, teachers, frames, task.teacher_weights))
 
@@ -249,16 +259,16 @@ def test_token_points_are_the_teachers_decoder_states_on_the_target_grid_and_joi
     decoder = batch["decoder/wide"]
     assert "decoder/ctc.v1" not in batch
     assert task.teachers_used()["lppm_tokens"] == ["wide"]
-    assert decoder.shape == (2, *tokens.shape, 16)
-    assert decoder[:, ~tokens].abs().sum() == 0 and bool((decoder[:, tokens].abs().sum(-1) > 0).all())
-    for row in range(3):  # one tokenizer: the cached states arrive unchanged at the student's target positions
+    counts = tokens.sum(dim=1).tolist()
+    assert decoder.shape == (2, sum(counts), 16)  # the target tokens of every utterance, packed
+    for row, part in enumerate(decoder[1].split(counts)):  # one tokenizer: the cached states arrive unchanged
         cached = task.cache.signals("wide", task.ids[row], ["decoder.1"])["decoder.1"].float()
-        torch.testing.assert_close(decoder[1, row][tokens[row]], cached)
+        torch.testing.assert_close(part, cached)
     output = task.student(input_features=batch["features"], decoder_input_ids=batch["inputs"], output_hidden_states=True)
     loss, terms = task.loss(batch)
     student = torch.stack([task.heads["decoder_student"](output.decoder_hidden_states[layer][tokens][None], slot)
                            for slot, layer in enumerate([0, 1])])
-    teacher = torch.stack([task.heads["decoder_teachers"][0](decoder[slot][tokens][None], slot) for slot in range(2)])
+    teacher = torch.stack([task.heads["decoder_teachers"][0](decoder[slot][None], slot) for slot in range(2)])
     expected = lppm_loss(student, teacher[None], torch.ones(1, student.shape[2], dtype=torch.bool), torch.ones(1))
     torch.testing.assert_close(terms["lppm_tokens"], expected)
     # one encoder layer and two decoder layers mapped: the term is the mean over the three layers
@@ -270,7 +280,7 @@ def test_token_points_are_the_teachers_decoder_states_on_the_target_grid_and_joi
 
 def test_without_pointwise_alignment_token_points_are_pooled_per_utterance_like_frames(
         tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, token_cache_dir):
-    from kdforge.alignment import lppm_loss, pool_utterance
+    from kdforge.alignment import lppm_loss
     from kdforge.tasks.asr_distill import WhisperDistillationTask
 
     config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, token_cache_dir,
@@ -280,10 +290,12 @@ def test_without_pointwise_alignment_token_points_are_pooled_per_utterance_like_
     tokens = batch["target_mask"]
     output = task.student(input_features=batch["features"], decoder_input_ids=batch["inputs"], output_hidden_states=True)
     term, _ = task._token_lppm(output.decoder_hidden_states, batch)
-    student = torch.stack([pool_utterance(task.heads["decoder_student"](output.decoder_hidden_states[layer], slot), tokens)
-                           for slot, layer in enumerate([0, 1])])
-    teacher = torch.stack([pool_utterance(task.heads["decoder_teachers"][0](batch["decoder/wide"][slot], slot), tokens)
-                           for slot in range(2)])
+    counts = tokens.sum(dim=1).tolist()
+    student = torch.stack([torch.stack([task.heads["decoder_student"](output.decoder_hidden_states[layer][row][tokens[row]],
+                                                                      slot).mean(0) for row in range(3)])
+                           for slot, layer in enumerate([0, 1])]).unsqueeze(-2)
+    teacher = torch.stack([torch.stack([part.mean(0) for part in task.heads["decoder_teachers"][0](
+        batch["decoder/wide"][slot], slot).split(counts)]) for slot in range(2)]).unsqueeze(-2)
     assert student.shape == (2, 3, 1, student.shape[-1])  # one point per utterance and layer
     torch.testing.assert_close(term, lppm_loss(student, teacher[None], torch.ones(3, 1, dtype=torch.bool), torch.ones(1)))
     task.config.alignment.pointwise = True  # the same points matched one by one: another loss

@@ -1,13 +1,13 @@
 """The layer- and point-wise projection mapping (LPPM) of METHODS.md section 1.
 
-Pairing (:func:`uniform_layer_map`, :func:`resample_time`), projection into the shared space
+Pairing (:func:`uniform_layer_map`, :func:`pack_points`), projection into the shared space
 (:class:`TeacherProjection`, :class:`StudentProjection`) and the loss there (:func:`lppm_loss`).
 """
 
 from kdforge.alignment.layers import uniform_layer_map
 from kdforge.alignment.loss import POINT_LOSSES, infonce_loss, lppm_loss, spherical_centroid
 from kdforge.alignment.projection import StudentProjection, TeacherProjection, semi_orthogonal, shared_dimension
-from kdforge.alignment.resampling import pool_utterance, resample_time
+from kdforge.alignment.resampling import pack_points, pool_points, resample_points
 
 __all__ = [
     "POINT_LOSSES",
@@ -15,8 +15,9 @@ __all__ = [
     "TeacherProjection",
     "infonce_loss",
     "lppm_loss",
-    "pool_utterance",
-    "resample_time",
+    "pack_points",
+    "pool_points",
+    "resample_points",
     "semi_orthogonal",
     "shared_dimension",
     "spherical_centroid",

@@ -103,6 +103,17 @@ class TeacherProjection(nn.Module):
         # The map is cast, not the states: cached teacher states stay at the cache's precision.
         return nn.functional.linear(hidden, self.maps[layer_slot].to(hidden.dtype))
 
+    def map_layers(self, hidden: Tensor) -> Tensor:
+        """``(layers, N, width) -> (layers, N, dim)``: each mapped layer's points through its own map.
+
+        Fixed maps take one batched product instead of a product per layer and a stack of the results.
+        """
+        if hidden.dim() != 3 or hidden.shape[0] != self.num_layers:
+            raise ValueError(f"expected ({self.num_layers}, N, width) points, got {tuple(hidden.shape)}")
+        if self.kind == "fixed":
+            return torch.bmm(hidden, self.maps.transpose(1, 2).to(hidden.dtype))
+        return torch.stack([self(points, slot) for slot, points in enumerate(hidden)])
+
 
 class StudentProjection(nn.Module):
     """The learned ``P_l: R^{width} -> R^{dim}``, one per mapped student layer.

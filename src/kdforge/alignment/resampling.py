@@ -2,7 +2,8 @@
 
 A student point is matched to the teacher point at the same relative time (METHODS.md section 1,
 "Point-wise alignment"), so each utterance's teacher sequence is resampled to that utterance's
-student length. Frame ``i`` of ``n`` is centred at relative time ``(i + 1/2) / n``.
+student length. Frame ``i`` of ``n`` is centred at relative time ``(i + 1/2) / n``. A batch's
+points travel packed: the valid points of every utterance, one after another, ``(N, d)``.
 """
 
 from __future__ import annotations
@@ -14,66 +15,73 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
-def resample_time(points: Tensor, lengths_in: Tensor, lengths_out: Tensor, length_out: int,
-                  mode: Literal["linear", "pool"] = "linear") -> Tensor:
-    """Resample each utterance's valid frames to its output length, frame centres at equal relative time.
+def resample_points(points: Tensor, count: int, mode: Literal["linear", "pool"] = "linear") -> Tensor:
+    """One utterance's valid frames resampled to ``count`` frames, frame centres at equal relative time.
 
     ``"linear"`` interpolates between the two nearest input centres (``align_corners=False``, so
     centres map to centres; output centres before the first or after the last input centre take
     that edge frame's value). ``"pool"`` averages the input frames each output frame covers
-    (``adaptive_avg_pool1d``). Only frames ``[0, lengths_in[b])`` are read, so padding never leaks
-    in; an utterance whose lengths agree is copied exactly.
+    (``adaptive_avg_pool1d``). Frames whose count already agrees are returned as they are.
 
     Args:
-        points: ``(B, T_in, d)``.
-        lengths_in: ``(B,)`` valid input frames per utterance, each in ``[1, T_in]`` (or 0 together
-            with a 0 output length).
-        lengths_out: ``(B,)`` output frames per utterance, each in ``[0, length_out]``.
-        length_out: padded output length.
+        points: ``(n, d)``, the utterance's valid frames only (``n >= 1``, or 0 with ``count`` 0).
+        count: output frames.
         mode: ``"linear"`` or ``"pool"``.
 
     Returns:
-        ``(B, length_out, d)``, zero beyond ``lengths_out[b]``.
+        ``(count, d)``.
     """
     if mode not in ("linear", "pool"):
         raise ValueError(f"resampling mode must be linear or pool, got {mode!r}")
-    batch, length_in, _ = points.shape
-    if lengths_in.shape != (batch,) or lengths_out.shape != (batch,):
-        raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths_in.shape)} "
-                         f"and {tuple(lengths_out.shape)}")
-    utterances = []
-    for frames, count_in, count_out in zip(points, lengths_in.tolist(), lengths_out.tolist()):
-        if not (0 <= count_in <= length_in and 0 <= count_out <= length_out) or (count_in == 0 < count_out):
-            raise ValueError(f"cannot resample {count_in} of {length_in} frames to {count_out} of {length_out}")
-        utterances.append(F.pad(_resample_utterance(frames[:count_in], count_out, mode),
-                                (0, 0, 0, length_out - count_out)))
-    return torch.stack(utterances)
-
-
-def _resample_utterance(frames: Tensor, count_out: int, mode: Literal["linear", "pool"]) -> Tensor:
-    """``(n_in, d) -> (count_out, d)`` for one utterance's valid frames."""
-    if frames.shape[0] == count_out:
-        return frames
+    if count < 0 or (points.shape[0] == 0 < count):
+        raise ValueError(f"cannot resample {points.shape[0]} frames to {count}")
+    if points.shape[0] == count:
+        return points
     # interpolate and pool run over the last axis, with a batch axis in front.
-    along_time = frames.transpose(0, 1).unsqueeze(0)
+    along_time = points.float().transpose(0, 1).unsqueeze(0)
     if mode == "linear":
-        resampled = F.interpolate(along_time, size=count_out, mode="linear", align_corners=False)
+        resampled = F.interpolate(along_time, size=count, mode="linear", align_corners=False)
     else:
-        resampled = F.adaptive_avg_pool1d(along_time, count_out)
+        resampled = F.adaptive_avg_pool1d(along_time, count)
     return resampled.squeeze(0).transpose(0, 1)
 
 
-def pool_utterance(points: Tensor, mask: Tensor) -> Tensor:
-    """Mean of each utterance's valid points, the "no point-wise alignment" ablation.
+def pack_points(sequences: list[Tensor], counts: list[int], mode: Literal["linear", "pool"] = "linear") -> Tensor:
+    """A batch's points in one float32 tensor: each utterance's frames resampled to its count, in order.
+
+    The order is that in which ``states[mask]`` lists the student's points for a ``(B, T)`` mask with
+    ``counts[b]`` True entries in row ``b``, so the two pair up point by point, and no padding is
+    ever made, read or masked.
 
     Args:
-        points: ``(B, T, d)``.
-        mask: ``(B, T)`` bool, True where the point counts.
+        sequences: per utterance ``(n_b, d)``, its valid frames only (any float dtype).
+        counts: per utterance, its points on the student's side.
+        mode: as for :func:`resample_points`.
 
     Returns:
-        ``(B, 1, d)``; 0 for an utterance with no valid point.
+        ``(sum(counts), d)`` float32.
     """
-    valid = mask.unsqueeze(-1)
-    # where, not a multiplication by the mask: padding holding inf or NaN must not reach the mean.
-    total = torch.where(valid, points, 0).sum(dim=1, keepdim=True)
-    return total / valid.sum(dim=1, keepdim=True).clamp_min(1).to(points.dtype)
+    if len(sequences) != len(counts):
+        raise ValueError(f"{len(sequences)} sequences for {len(counts)} counts")
+    packed = torch.empty(sum(counts), sequences[0].shape[-1], device=sequences[0].device)
+    start = 0
+    for points, count in zip(sequences, counts):
+        packed[start : start + count] = resample_points(points, count, mode)  # one copy, cast on the way
+        start += count
+    return packed
+
+
+def pool_points(points: Tensor, counts: list[int]) -> Tensor:
+    """Mean of each utterance's points, the "no point-wise alignment" ablation.
+
+    Args:
+        points: ``(..., N, d)`` packed as :func:`pack_points` packs them.
+        counts: per utterance its points; they sum to ``N``.
+
+    Returns:
+        ``(..., B, d)``; 0 for an utterance with no point.
+    """
+    if sum(counts) != points.shape[-2]:
+        raise ValueError(f"counts sum to {sum(counts)}, but there are {points.shape[-2]} points")
+    return torch.stack([part.sum(dim=-2) / max(count, 1) for part, count in zip(points.split(counts, dim=-2), counts)],
+                       dim=-2)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kdforge.alignment import (StudentProjection, TeacherProjection, lppm_loss, pool_utterance, resample_time,
-                               shared_dimension, uniform_layer_map, infonce_loss)
+from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
+                               shared_dimension, uniform_layer_map)
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
 from kdforge.tasks.asr import WhisperTask, read_training_audio
@@ -240,10 +240,11 @@ class WhisperDistillationTask(WhisperTask):
         Adds ``encoder_frames (B,)`` (the student's frames of speech), ``teacher_topk`` (a
         :class:`~kdforge.losses.TopKTeacher` on the ``(B, L)`` target grid: the weighted mean of the teachers that
         share the student's vocabulary, :func:`kdforge.teachers.ensemble.ensemble_top_k`), per
-        mapped teacher ``hidden/<name>`` ``(layers, B, T_s, d_m)``: its cached hidden states
-        resampled to the student's frames (zero beyond them), and per decoder-mapped teacher
-        ``decoder/<name>`` ``(layers, B, L, d_m)``: its cached decoder states at its text tokens
-        resampled to the student's, on the target grid (zero outside ``target_mask``).
+        mapped teacher ``hidden/<name>`` ``(layers, N, d_m)``: its cached hidden states resampled to
+        the student's frames of speech, packed (:func:`~kdforge.alignment.pack_points`; ``N`` is
+        ``encoder_frames.sum()``), and per decoder-mapped teacher ``decoder/<name>`` ``(layers, N_tok, d_m)``:
+        its cached decoder states at its text tokens resampled to the student's target tokens, packed
+        likewise (``N_tok`` is ``target_mask.sum()``).
         """
         batch = super().batch(indices)
         window = batch["features"].shape[-1] // 2
@@ -255,40 +256,25 @@ class WhisperDistillationTask(WhisperTask):
             weights = [t.weight for t in self.config.teachers if t.label in self.logit_teachers]
             batch["teacher_topk"] = ensemble_top_k(grids, weights) if len(grids) > 1 else grids[0]
         for teacher in self.mapped:
-            names = [f"hidden.{layer}" for layer in self.teacher_layers[teacher.label]]
-            signals = self.cache.batch(teacher.label, utterances, names)
             # a teacher without Whisper's window heard more than the student: keep the frames of the window
             heard = math.ceil(window / 50.0 * self.teacher_rates[teacher.label])
-            lengths = torch.tensor([min(s[names[0]].shape[0], heard) for s in signals])
-            per_layer = []
-            for name in names:
-                padded = torch.nn.utils.rnn.pad_sequence([s[name][:heard].float() for s in signals], batch_first=True)
-                per_layer.append(resample_time(padded, lengths, batch["encoder_frames"], window,
-                                               mode=self.config.alignment.resample))
-            batch[f"hidden/{teacher.label}"] = torch.stack(per_layer)
+            batch[f"hidden/{teacher.label}"] = self._packed(
+                teacher.label, utterances, [f"hidden.{layer}" for layer in self.teacher_layers[teacher.label]],
+                batch["encoder_frames"].tolist(), heard)
         for teacher in self.decoder_mapped:
-            batch[f"decoder/{teacher.label}"] = self._token_points(teacher.label, utterances, batch["target_mask"])
+            # teacher-forced on the same text in its own tokenization: its text tokens meet the student's
+            batch[f"decoder/{teacher.label}"] = self._packed(
+                teacher.label, utterances, [f"decoder.{layer}" for layer in self.teacher_decoder_layers[teacher.label]],
+                batch["target_mask"].sum(dim=1).tolist())
         return batch
 
-    def _token_points(self, teacher: str, utterances: list[str], target_mask: Tensor) -> Tensor:
-        """A teacher's cached decoder states ``(layers, B, L, d_m)`` on the student's ``(B, L)`` target grid.
-
-        The teacher was teacher-forced on the same text in its own tokenization: its states at the
-        text tokens are resampled to the student's count, which start at ``prompt_length - 1``.
-        """
-        names = [f"decoder.{layer}" for layer in self.teacher_decoder_layers[teacher]]
+    def _packed(self, teacher: str, utterances: list[str], names: list[str], counts: list[int],
+                heard: int | None = None) -> Tensor:
+        """A teacher's cached states ``names`` (the first ``heard`` of each), resampled to ``counts``
+        points per utterance and packed: ``(len(names), sum(counts), d_m)``."""
         signals = self.cache.batch(teacher, utterances, names)
-        lengths = torch.tensor([s[names[0]].shape[0] for s in signals])
-        tokens = target_mask.sum(dim=1)  # the text tokens and the end
-        first = self.prompt_length - 1
-        per_layer = []
-        for name in names:
-            padded = torch.nn.utils.rnn.pad_sequence([s[name].float() for s in signals], batch_first=True)
-            resampled = resample_time(padded, lengths, tokens, int(tokens.max()), mode=self.config.alignment.resample)
-            grid = torch.zeros(*target_mask.shape, padded.shape[-1])
-            grid[:, first : first + resampled.shape[1]] = resampled
-            per_layer.append(grid)
-        return torch.stack(per_layer)
+        mode = self.config.alignment.resample
+        return torch.stack([pack_points([s[name][:heard] for s in signals], counts, mode) for name in names])
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         from kdforge.data.augment import spec_augment
@@ -329,28 +315,26 @@ class WhisperDistillationTask(WhisperTask):
                                 [batch[f"decoder/{t.label}"] for t in self.decoder_mapped], batch["target_mask"],
                                 self.decoder_weights)
 
-    def _group_loss(self, group: str, student_states: list[Tensor], teacher_states: list[Tensor], valid: Tensor,
+    def _group_loss(self, group: str, student_states: list[Tensor], teacher_points: list[Tensor], valid: Tensor,
                     weights: Tensor) -> tuple[Tensor, Tensor | None]:
-        """:func:`~kdforge.alignment.lppm_loss` of one group's points (``group`` as for :meth:`_project`), and
-        the InfoNCE term when the teacher maps are learned.
+        """:func:`~kdforge.alignment.lppm_loss` of one group's points (``group``: ``""`` for frames,
+        ``"decoder_"`` for tokens), and the InfoNCE term when the teacher maps are learned.
 
         Args:
             student_states: per mapped student layer ``(B, T, d_s)``.
-            teacher_states: per mapped teacher ``(layers, B, T, d_m)``, on the student's ``T``.
-            valid: ``(B, T)`` bool, the points that count. Point-wise, only they are mapped, as one row
-                of N points (the loss's mean over them is unchanged, and most of a window is padding);
-                otherwise each utterance's mapped points are pooled into one.
+            teacher_points: per mapped teacher ``(layers, N, d_m)``, packed on the student's points.
+            valid: ``(B, T)`` bool, the student's points (``N`` of them). Only they are mapped: point-wise
+                as one row of ``N`` points (most of a window is padding), otherwise pooled per utterance.
         """
         alignment = self.config.alignment
-        select = (lambda states: states[valid][None]) if alignment.pointwise else (lambda states: states)
-        student, teachers = self._project(group, [select(states) for states in student_states],
-                                          [[select(layer) for layer in layers] for layers in teacher_states])
-        if alignment.pointwise:
-            mask = torch.ones(1, student.shape[2], dtype=torch.bool, device=student.device)
-        else:
-            student = torch.stack([pool_utterance(points, valid) for points in student])
-            teachers = torch.stack([torch.stack([pool_utterance(points, valid) for points in layers]) for layers in teachers])
-            mask = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=student.device)
+        student = torch.stack([self.heads[f"{group}student"](states[valid], slot) for slot, states in enumerate(student_states)])
+        teachers = torch.stack([maps.map_layers(points) for maps, points in zip(self.heads[f"{group}teachers"], teacher_points)])
+        if alignment.pointwise:  # (L, 1, N, D) and (M, L, 1, N, D)
+            student, teachers = student.unsqueeze(-3), teachers.unsqueeze(-3)
+        else:  # (L, B, 1, D) and (M, L, B, 1, D)
+            counts = valid.sum(dim=1).tolist()
+            student, teachers = pool_points(student, counts).unsqueeze(-2), pool_points(teachers, counts).unsqueeze(-2)
+        mask = torch.ones(student.shape[1:3], dtype=torch.bool, device=student.device)
         loss = lppm_loss(student, teachers, mask, weights, target=alignment.target,
                          point_loss=alignment.point_loss, normalize=alignment.normalize)
         if alignment.teacher_map != "learned":
@@ -358,19 +342,3 @@ class WhisperDistillationTask(WhisperTask):
         # learned teacher maps could collapse every point onto one: contrast each student point with its own
         contrast = torch.stack([infonce_loss(student[-1][mask], teachers[m, -1][mask]) for m in range(len(teachers))])
         return loss, contrast.mean()
-
-    def _project(self, group: str, student_states: list[Tensor], teacher_states: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
-        """One group's points in the shared space (``group``: ``""`` for frames, ``"decoder_"`` for tokens).
-
-        Args:
-            student_states: per mapped student layer ``(B, T, d_s)``.
-            teacher_states: per mapped teacher, per layer ``(B, T, d_m)``.
-
-        Returns:
-            ``(L, B, T, D)`` student and ``(M, L, B, T, D)`` teacher points.
-        """
-        student = torch.stack([self.heads[f"{group}student"](states, slot) for slot, states in enumerate(student_states)])
-        teachers = torch.stack([torch.stack([self.heads[f"{group}teachers"][m](states, slot)
-                                             for slot, states in enumerate(layers)])
-                                for m, layers in enumerate(teacher_states)])
-        return student, teachers

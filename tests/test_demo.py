@@ -113,3 +113,7 @@ def test_teacher_budgets_are_named_steps_and_a_bad_one_is_refused_by_name():
         parse_teacher_steps(["whisper-small=10"], defaults)
     with pytest.raises(KdforgeError, match="STEPS must be a whole number >= 1"):
         parse_teacher_steps(["ctc=0"], defaults)
+    with pytest.raises(KdforgeError, match="STEPS must be a whole number >= 1"):
+        parse_teacher_steps(["ctc=²"], defaults)  # a digit to str.isdigit, not a number to int()
+    with pytest.raises(KdforgeError, match="expected NAME=STEPS"):
+        parse_teacher_steps(["whisper-base"], defaults)

@@ -176,9 +176,16 @@ def test_rlkd_through_a_sliced_view_gives_the_gradient_of_its_terms_taken_apart(
     torch.testing.assert_close(together, expected)
 
 
-def test_a_sparse_ranking_gradient_is_refused_where_a_reshape_would_meet_it():
-    with pytest.raises(ValueError, match="sparse gradient needs"):
-        rlkd_ranking_loss(random_logits(2, 3, 10), random_logits(2, 3, 10), k=3, sparse_gradient=True)
+def test_each_rlkd_term_differentiated_alone_gives_its_own_dense_gradient():
+    # what per-term gradient norms do: the ranking term's sparse gradient then meets no base gradient
+    hidden = random_logits(2, 6, 40, seed=20).requires_grad_()
+    teacher = random_logits(2, 5, 40, seed=21)
+    result = rlkd_loss(hidden[:, :-1], teacher, objective=forward_kl, k=4, chunk_size=4)
+    (rank,) = torch.autograd.grad(result.rank, hidden, retain_graph=True)
+    (base,) = torch.autograd.grad(result.base, hidden)
+    assert rank.layout == torch.strided
+    torch.testing.assert_close(rank, torch.autograd.grad(rlkd_ranking_loss(hidden[:, :-1], teacher, k=4), hidden)[0])
+    torch.testing.assert_close(base, torch.autograd.grad(forward_kl(hidden[:, :-1], teacher, chunk_size=4), hidden)[0])
 
 
 def test_rlkd_refuses_a_teacher_or_mask_whose_positions_differ_before_flattening_them():
@@ -187,3 +194,10 @@ def test_rlkd_refuses_a_teacher_or_mask_whose_positions_differ_before_flattening
         rlkd_loss(student, random_logits(3, 2, 10), objective=forward_kl, k=3)
     with pytest.raises(ValueError, match="mask has shape"):
         rlkd_loss(student, random_logits(2, 3, 10), torch.ones(3, 2, dtype=torch.bool), objective=forward_kl, k=3)
+    with pytest.raises(ValueError, match="position_weights has shape"):
+        rlkd_loss(student, random_logits(2, 3, 10), objective=forward_kl, k=3, position_weights=torch.ones(3, 2))
+    weights = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]])  # (2, 3) weights reach the flattened objective
+    weighted = rlkd_loss(student, random_logits(2, 3, 10), objective=forward_kl, k=3, rank_weight=0.0,
+                         position_weights=weights)
+    assert weighted.total.item() == pytest.approx(forward_kl(student, random_logits(2, 3, 10),
+                                                             position_weights=weights).item())

@@ -87,11 +87,13 @@ def parse_teacher_steps(assignments: list[str], defaults: dict[str, int]) -> dic
     """
     steps = dict(defaults)
     for assignment in assignments:
-        name, _, value = assignment.partition("=")
+        name, equals, value = assignment.partition("=")
+        if not equals:
+            raise KdforgeError(f"--teacher-steps {assignment!r}: expected NAME=STEPS, e.g. whisper-base=120")
         if name not in TEACHER_CONFIGS:
             raise KdforgeError(f"--teacher-steps {assignment!r}: unknown teacher {name!r}; "
                                f"known: {', '.join(TEACHER_CONFIGS)}")
-        if not value.isdigit() or int(value) < 1:
+        if not (value.isascii() and value.isdecimal()) or int(value) < 1:
             raise KdforgeError(f"--teacher-steps {assignment!r}: STEPS must be a whole number >= 1")
         steps[name] = int(value)
     return steps
@@ -117,7 +119,7 @@ def claim_output(out: Path, plan: DemoPlan) -> None:
 
 
 def demo_command(out: Path, plan: DemoPlan) -> str:
-    """The ``kdforge demo`` command line of ``plan``'s student settings (those the CLI sets)."""
+    """The ``kdforge demo`` command line of ``plan``'s settings that the CLI sets (students' and teachers' steps)."""
     default = DemoPlan()
     parts = [f"kdforge demo --out {out}"]
     if plan.methods != default.methods:

@@ -29,7 +29,7 @@ def resample_points(points: Tensor, count: int, mode: Literal["linear", "pool"] 
         mode: ``"linear"`` or ``"pool"``.
 
     Returns:
-        ``(count, d)``.
+        ``(count, d)``, at least float32 when resampled.
     """
     if mode not in ("linear", "pool"):
         raise ValueError(f"resampling mode must be linear or pool, got {mode!r}")
@@ -38,7 +38,7 @@ def resample_points(points: Tensor, count: int, mode: Literal["linear", "pool"] 
     if points.shape[0] == count:
         return points
     # interpolate and pool run over the last axis, with a batch axis in front.
-    along_time = points.float().transpose(0, 1).unsqueeze(0)
+    along_time = points.to(torch.promote_types(points.dtype, torch.float32)).transpose(0, 1).unsqueeze(0)
     if mode == "linear":
         resampled = F.interpolate(along_time, size=count, mode="linear", align_corners=False)
     else:
@@ -63,7 +63,7 @@ def pack_points(sequences: list[Tensor], counts: list[int], mode: Literal["linea
     """
     if len(sequences) != len(counts):
         raise ValueError(f"{len(sequences)} sequences for {len(counts)} counts")
-    packed = torch.empty(sum(counts), sequences[0].shape[-1], device=sequences[0].device)
+    packed = torch.empty(sum(counts), sequences[0].shape[-1], dtype=torch.float32, device=sequences[0].device)
     start = 0
     for points, count in zip(sequences, counts):
         packed[start : start + count] = resample_points(points, count, mode)  # one copy, cast on the way

@@ -28,9 +28,7 @@ def demo(
     from dataclasses import replace
 
     from kdforge.benchmarks.asr import to_markdown
-    from kdforge.demo import DemoPlan, run_demo
-
-    from kdforge.demo import parse_teacher_steps
+    from kdforge.demo import DemoPlan, parse_teacher_steps, run_demo
 
     default = DemoPlan()
     plan = replace(default, methods=tuple(method) or default.methods, seeds=seeds,

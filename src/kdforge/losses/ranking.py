@@ -21,7 +21,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from kdforge.losses.reduction import row_count, row_selector, valid_rows
+from kdforge.losses.reduction import check_positions, row_count, row_selector, valid_rows
 from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_leading_shape, teacher_rows
 
 RankOn = Literal["logits", "probs"]
@@ -212,6 +212,19 @@ class _ScoresWithSparseGradient(torch.autograd.Function):
         return torch.sparse_coo_tensor(where, grad.reshape(-1), ctx.shape, check_invariants=False), None, None
 
 
+class _DenseGradient(torch.autograd.Function):
+    """The identity, whose backward densifies a gradient that arrives sparse: whatever was differentiated
+    (both RLKD terms, or the ranking term alone), what flows on is what a view's backward can take."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor) -> Tensor:
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.to_dense() if grad.layout != torch.strided else grad
+
+
 def rlkd_ranking_loss(
     student_logits: Tensor,
     teacher_logits: Teacher,
@@ -219,7 +232,6 @@ def rlkd_ranking_loss(
     k: int = 5,
     regularization_strength: float = 1.0,
     rank_on: RankOn = "logits",
-    sparse_gradient: bool = False,
 ) -> Tensor:
     """RLKD's ranking loss ``1 - mean Spearman`` over each position's exact top-k union.
 
@@ -231,14 +243,18 @@ def rlkd_ranking_loss(
         k: top-k size per model (>= 2); the union has k to 2k ids.
         regularization_strength: the soft rank's eps (torchsort's default 1.0, as the official code).
         rank_on: rank raw ``"logits"`` (official code) or softmax ``"probs"`` (the paper's text).
-        sparse_gradient: give ``(n, V)`` student logits a sparse gradient (``n * 2k`` entries) instead
-            of a dense one of their size. Only where a dense gradient of the same tensor joins it
-            (:func:`rlkd_loss` with a base objective): alone it cannot flow back through a view's
-            backward, such as an LM's ``logits[:, :-1]``.
 
     Returns:
         A scalar in [0, 2]; 0 with a gradient path when no position is valid.
     """
+    return _ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on)
+
+
+def _ranking_loss(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor | None, k: int,
+                  regularization_strength: float, rank_on: RankOn, sparse_gradient: bool = False) -> Tensor:
+    """:func:`rlkd_ranking_loss`; with ``sparse_gradient`` the ``(n, V)`` student logits get a sparse
+    gradient of ``n * 2k`` entries, for :func:`rlkd_loss` to add into the base objective's in place
+    (a sparse gradient must be densified before any view's backward: :class:`_DenseGradient`)."""
     if k < 2:
         raise ValueError(f"k must be >= 2 for a rank correlation, got {k}")
     if rank_on not in ("logits", "probs"):
@@ -246,8 +262,6 @@ def rlkd_ranking_loss(
     leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
     if teacher_leading_shape(teacher_logits) != leading:
         raise ValueError("teacher and student positions differ")
-    if sparse_gradient and student_logits.dim() != 2:
-        raise ValueError("a sparse gradient needs (n, V) logits: a reshape's backward cannot pass it on")
     rows = valid_rows(leading, mask, student_logits.device)
     # Not reshaped when already flat: even a same-shape reshape adds a backward that a sparse gradient cannot pass.
     flat = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, vocab_size)
@@ -315,25 +329,22 @@ def rlkd_loss(
     """
     if objective is None and rank_weight == 0:
         raise ValueError("rlkd_loss needs a base objective or a positive rank_weight")
-    leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
-    if teacher_leading_shape(teacher_logits) != leading:
-        raise ValueError(f"teacher positions {tuple(teacher_leading_shape(teacher_logits))} do not match "
-                         f"student positions {tuple(leading)}")
-    if mask is not None and mask.shape != leading:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(leading)}")
+    check_positions(student_logits, teacher_logits, mask, objective_options.get("position_weights"))
     # Both terms read one flat (n, V) tensor (a single copy when the logits are a strided slice), so
     # their gradients meet there and the ranking term's sparse one is added into the base's in place.
-    student_logits, teacher_logits = student_logits.reshape(-1, vocab_size), teacher_rows(teacher_logits, slice(None))
-    mask = None if mask is None else mask.reshape(-1)
+    flat = _DenseGradient.apply(student_logits.reshape(-1, student_logits.shape[-1]))
+    teacher_flat, mask_flat = teacher_rows(teacher_logits, slice(None)), None if mask is None else mask.reshape(-1)
+    if objective_options.get("position_weights") is not None:
+        objective_options["position_weights"] = objective_options["position_weights"].reshape(-1)
     base = rank = None
-    total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
+    total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     if objective is not None:
         if dynamic:
-            objective_options["position_weights"] = topk_overlap(student_logits, teacher_logits, k)
-        base = objective(student_logits, teacher_logits, mask, **objective_options)
+            objective_options["position_weights"] = topk_overlap(flat, teacher_flat, k)
+        base = objective(flat, teacher_flat, mask_flat, **objective_options)
         total = total + base_weight * base
     if rank_weight != 0:
-        rank = rlkd_ranking_loss(student_logits, teacher_logits, mask, k, regularization_strength, rank_on,
-                                 sparse_gradient=objective is not None)
+        rank = _ranking_loss(flat, teacher_flat, mask_flat, k, regularization_strength, rank_on,
+                             sparse_gradient=objective is not None)
         total = total + rank_weight * rank
     return RankedLoss(total, base, rank)

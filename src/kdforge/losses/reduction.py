@@ -32,6 +32,22 @@ class Divergence(Protocol):
         """``(n, C), (n, C) -> (n,)``: the divergence at each of n positions."""
 
 
+def check_positions(student_logits: Tensor, teacher: Teacher, mask: Tensor | None = None,
+                    position_weights: Tensor | None = None) -> None:
+    """Refuse a teacher, mask or per-position weights whose positions ``(...)`` are not the student's
+    ``(..., V)`` ones, and a dense teacher of another vocabulary size."""
+    leading = student_logits.shape[:-1]
+    if teacher_leading_shape(teacher) != leading:
+        raise ValueError(f"teacher positions {tuple(teacher_leading_shape(teacher))} do not match "
+                         f"student positions {tuple(leading)}")
+    if torch.is_tensor(teacher) and teacher.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} "
+                         "differ: a vocabulary mismatch must be resolved before distillation")
+    for name, value in (("mask", mask), ("position_weights", position_weights)):
+        if value is not None and value.shape != leading:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(leading)}")
+
+
 def valid_rows(leading_shape: torch.Size, mask: Tensor | None, device: torch.device) -> Tensor | None:
     """Flat indices ``(n_valid,)`` of the positions that count, or None when every position does.
 
@@ -150,21 +166,10 @@ def objective_loss(
     Returns:
         A scalar: 0 with a gradient path when no position is valid, never NaN.
     """
-    leading = student_logits.shape[:-1]
-    if teacher_leading_shape(teacher) != leading:
-        raise ValueError(
-            f"teacher positions {tuple(teacher_leading_shape(teacher))} do not match "
-            f"student positions {tuple(leading)}"
-        )
-    if torch.is_tensor(teacher) and teacher.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} "
-            "differ: a vocabulary mismatch must be resolved before distillation"
-        )
+    check_positions(student_logits, teacher, mask, position_weights)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if position_weights is not None and position_weights.shape != leading:
-        raise ValueError(f"position_weights has shape {tuple(position_weights.shape)}, expected {tuple(leading)}")
+    leading = student_logits.shape[:-1]
     rows = valid_rows(leading, mask, student_logits.device)
     weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])

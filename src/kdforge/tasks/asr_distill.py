@@ -258,17 +258,17 @@ class WhisperDistillationTask(WhisperTask):
         for teacher in self.mapped:
             # a teacher without Whisper's window heard more than the student: keep the frames of the window
             heard = math.ceil(window / 50.0 * self.teacher_rates[teacher.label])
-            batch[f"hidden/{teacher.label}"] = self._packed(
+            batch[f"hidden/{teacher.label}"] = self._packed_points(
                 teacher.label, utterances, [f"hidden.{layer}" for layer in self.teacher_layers[teacher.label]],
                 batch["encoder_frames"].tolist(), heard)
         for teacher in self.decoder_mapped:
             # teacher-forced on the same text in its own tokenization: its text tokens meet the student's
-            batch[f"decoder/{teacher.label}"] = self._packed(
+            batch[f"decoder/{teacher.label}"] = self._packed_points(
                 teacher.label, utterances, [f"decoder.{layer}" for layer in self.teacher_decoder_layers[teacher.label]],
                 batch["target_mask"].sum(dim=1).tolist())
         return batch
 
-    def _packed(self, teacher: str, utterances: list[str], names: list[str], counts: list[int],
+    def _packed_points(self, teacher: str, utterances: list[str], names: list[str], counts: list[int],
                 heard: int | None = None) -> Tensor:
         """A teacher's cached states ``names`` (the first ``heard`` of each), resampled to ``counts``
         points per utterance and packed: ``(len(names), sum(counts), d_m)``."""
@@ -327,8 +327,14 @@ class WhisperDistillationTask(WhisperTask):
                 as one row of ``N`` points (most of a window is padding), otherwise pooled per utterance.
         """
         alignment = self.config.alignment
-        student = torch.stack([self.heads[f"{group}student"](states[valid], slot) for slot, states in enumerate(student_states)])
-        teachers = torch.stack([maps.map_layers(points) for maps, points in zip(self.heads[f"{group}teachers"], teacher_points)])
+        count = int(valid.sum())
+        if any(points.shape[1] != count for points in teacher_points):
+            raise ValueError(f"the teachers' packed points ({', '.join(str(p.shape[1]) for p in teacher_points)}) "
+                               f"are not the student's {count}: batch() and the loss disagree on the valid points")
+        student = torch.stack([self.heads[f"{group}student"](states[valid], slot)
+                               for slot, states in enumerate(student_states)])
+        teachers = torch.stack([maps.map_layers(points)
+                                for maps, points in zip(self.heads[f"{group}teachers"], teacher_points)])
         if alignment.pointwise:  # (L, 1, N, D) and (M, L, 1, N, D)
             student, teachers = student.unsqueeze(-3), teachers.unsqueeze(-3)
         else:  # (L, B, 1, D) and (M, L, B, 1, D)

@@ -91,6 +91,8 @@ def bench_lm_real(
     objectives: str = typer.Option(",".join(RealPlan.objectives), help="Base objectives, comma-separated."),
     seeds: int = typer.Option(RealPlan.seeds, min=1, help="Seeds per row (they set the batch order): mean and spread."),
     teacher: Path = typer.Option(None, help="A causal-LM folder in place of SmolLM2-135M-Instruct."),
+    timing_repeats: int = typer.Option(5, min=1, help="Timed steps (median) of the ranking term's cost measurement: "
+                                       "a cost of a few percent needs dozens."),
 ) -> None:
     """RLKD with a real teacher: each objective without and with the ranking term, CR@k, MOR@k, perplexity."""
     from kdforge.benchmarks import lm_real
@@ -100,8 +102,9 @@ def bench_lm_real(
                     batch_size=batch_size, train_records=train_records, eval_records=eval_records, seeds=seeds)
     command = (f"kdforge bench lm-real --out DIR --data {data} --eval {eval_data} --steps {steps} --layers {layers} "
                f"--max-length {max_length} --batch-size {batch_size} --train-records {train_records} --eval-records {eval_records} "
-               f"--objectives {','.join(chosen)} --seeds {seeds}" + (f" --teacher {teacher}" if teacher else ""))
-    report = lm_real.run(out, data, eval_data, plan, teacher=teacher, command=command)
+               f"--objectives {','.join(chosen)} --seeds {seeds} --timing-repeats {timing_repeats}"
+               + (f" --teacher {teacher}" if teacher else ""))
+    report = lm_real.run(out, data, eval_data, plan, teacher=teacher, timing_repeats=timing_repeats, command=command)
     typer.echo(lm_real.to_markdown(report))
 
 

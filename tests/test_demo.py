@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from kdforge.demo import DemoPlan, parse_teacher_steps, run_demo
+from kdforge.demo import DemoPlan, claims, parse_teacher_steps, run_demo
 from kdforge.errors import KdforgeError
 from kdforge.evaluation.runner import evaluate
 
@@ -117,3 +117,19 @@ def test_teacher_budgets_are_named_steps_and_a_bad_one_is_refused_by_name():
         parse_teacher_steps(["ctc=²"], defaults)  # a digit to str.isdigit, not a number to int()
     with pytest.raises(KdforgeError, match="expected NAME=STEPS"):
         parse_teacher_steps(["whisper-base"], defaults)
+
+
+def test_the_claims_rank_the_students_plain_and_with_the_loop_guard():
+    def row(method, wer, guarded=None, speed=10.0):
+        return {"method": method, "wer": {"mean": wer}, "utterances_per_s": {"mean": speed},
+                **({"wer_guarded": {"mean": guarded}} if guarded is not None else {})}
+
+    rows = [row("ensemble", 0.30, speed=2.0), row("teacher:a", 0.31),
+            row("lora_logit_kd", 0.40, 0.39, speed=16.0), row("lora_lppm", 0.45, 0.38), row("lora_ce", 0.50, 0.46)]
+    checked = claims(rows, ensemble_beats_best_member=True)
+    assert checked["best_student"] == "lora_logit_kd" and checked["ours_lowest_student_wer"] is False
+    assert checked["best_student_guarded"] == "lora_lppm" and checked["ours_lowest_student_wer_guarded"] is True
+    assert checked["best_student_speedup_over_ensemble"] == pytest.approx(8.0)
+    assert checked["best_student_wer_over_ensemble"] == pytest.approx(0.40 / 0.30)
+    alone = claims([row("lora_lppm", 0.45, 0.38)], ensemble_beats_best_member=False)
+    assert alone["ours_lowest_student_wer"] is None and alone["best_student_speedup_over_ensemble"] is None

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kdforge.losses.reduction import check_positions, row_count, row_selector, valid_rows
-from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_leading_shape, teacher_rows
+from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_rows
 
 RankOn = Literal["logits", "probs"]
 
@@ -259,9 +259,8 @@ def _ranking_loss(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor 
         raise ValueError(f"k must be >= 2 for a rank correlation, got {k}")
     if rank_on not in ("logits", "probs"):
         raise ValueError(f"rank_on must be 'logits' or 'probs', got {rank_on!r}")
+    check_positions(student_logits, teacher_logits, mask)
     leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
-    if teacher_leading_shape(teacher_logits) != leading:
-        raise ValueError("teacher and student positions differ")
     rows = valid_rows(leading, mask, student_logits.device)
     # Not reshaped when already flat: even a same-shape reshape adds a backward that a sparse gradient cannot pass.
     flat = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, vocab_size)
@@ -329,13 +328,14 @@ def rlkd_loss(
     """
     if objective is None and rank_weight == 0:
         raise ValueError("rlkd_loss needs a base objective or a positive rank_weight")
-    check_positions(student_logits, teacher_logits, mask, objective_options.get("position_weights"))
+    weights = objective_options.get("position_weights")
+    check_positions(student_logits, teacher_logits, mask, weights)
     # Both terms read one flat (n, V) tensor (a single copy when the logits are a strided slice), so
     # their gradients meet there and the ranking term's sparse one is added into the base's in place.
     flat = _DenseGradient.apply(student_logits.reshape(-1, student_logits.shape[-1]))
     teacher_flat, mask_flat = teacher_rows(teacher_logits, slice(None)), None if mask is None else mask.reshape(-1)
-    if objective_options.get("position_weights") is not None:
-        objective_options["position_weights"] = objective_options["position_weights"].reshape(-1)
+    if weights is not None:
+        objective_options["position_weights"] = weights.reshape(-1)
     base = rank = None
     total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     if objective is not None:

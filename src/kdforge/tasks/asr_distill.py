@@ -269,7 +269,7 @@ class WhisperDistillationTask(WhisperTask):
         return batch
 
     def _packed_points(self, teacher: str, utterances: list[str], names: list[str], counts: list[int],
-                heard: int | None = None) -> Tensor:
+                       heard: int | None = None) -> Tensor:
         """A teacher's cached states ``names`` (the first ``heard`` of each), resampled to ``counts``
         points per utterance and packed: ``(len(names), sum(counts), d_m)``."""
         signals = self.cache.batch(teacher, utterances, names)
@@ -330,7 +330,7 @@ class WhisperDistillationTask(WhisperTask):
         count = int(valid.sum())
         if any(points.shape[1] != count for points in teacher_points):
             raise ValueError(f"the teachers' packed points ({', '.join(str(p.shape[1]) for p in teacher_points)}) "
-                               f"are not the student's {count}: batch() and the loss disagree on the valid points")
+                             f"are not the student's {count}: batch() and the loss disagree on the valid points")
         student = torch.stack([self.heads[f"{group}student"](states[valid], slot)
                                for slot, states in enumerate(student_states)])
         teachers = torch.stack([maps.map_layers(points)

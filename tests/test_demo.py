@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from kdforge.demo import DemoPlan, claims, parse_teacher_steps, run_demo
+from kdforge.demo import DemoPlan, claims, demo_command, parse_teacher_steps, run_demo
 from kdforge.errors import KdforgeError
 from kdforge.evaluation.runner import evaluate
 
@@ -117,6 +117,23 @@ def test_teacher_budgets_are_named_steps_and_a_bad_one_is_refused_by_name():
         parse_teacher_steps(["ctc=²"], defaults)  # a digit to str.isdigit, not a number to int()
     with pytest.raises(KdforgeError, match="expected NAME=STEPS"):
         parse_teacher_steps(["whisper-base"], defaults)
+
+
+def test_a_larger_corpus_gets_its_own_workspace_and_labels_must_fit_its_training_split(tmp_path, capsys):
+    larger = DemoPlan(utterances=1200, labelled=120)
+    assert larger.key(CONFIGS) != DemoPlan().key(CONFIGS)
+    assert "--utterances 1200" in demo_command(Path("runs/x"), larger)
+    assert "--labelled" not in demo_command(Path("runs/x"), larger)
+    with pytest.raises(KdforgeError, match="between 1 and the 360 training utterances of a 400-utterance corpus"):
+        DemoPlan(labelled=361)
+    from kdforge.cli import main
+
+    out = tmp_path / "refused"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out), "--configs", str(CONFIGS), "--utterances", "100", "--labelled", "91"])
+    assert exit_info.value.code == 2
+    assert "got 91" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
 
 
 def test_the_claims_rank_the_students_plain_and_with_the_loop_guard():

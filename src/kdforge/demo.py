@@ -78,6 +78,12 @@ class DemoPlan:
         payload = json.dumps({"plan": shared, "teacher_configs": texts}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
+    def __post_init__(self):
+        training = self.utterances - round(self.utterances * self.test_fraction)
+        if not 1 <= self.labelled <= training:
+            raise KdforgeError(f"labelled utterances must be between 1 and the {training} training utterances "
+                               f"of a {self.utterances}-utterance corpus, got {self.labelled}")
+
 
 def parse_teacher_steps(assignments: list[str], defaults: dict[str, int]) -> dict[str, int]:
     """``defaults`` with ``NAME=STEPS`` assignments applied (``--teacher-steps whisper-base=120``).
@@ -128,6 +134,10 @@ def demo_command(out: Path, plan: DemoPlan) -> str:
         parts.append(f"--seeds {plan.seeds}")
     if plan.student_steps != default.student_steps:
         parts.append(f"--student-steps {plan.student_steps}")
+    if plan.utterances != default.utterances:
+        parts.append(f"--utterances {plan.utterances}")
+    if plan.labelled != default.labelled:
+        parts.append(f"--labelled {plan.labelled}")
     parts += [f"--teacher-steps {name}={steps}" for name, steps in plan.teacher_steps.items()
               if steps != default.teacher_steps.get(name)]
     parts += [f"--set {setting}" for setting in plan.student_settings]

@@ -18,6 +18,10 @@ def demo(
     teacher_steps: list[str] = typer.Option([], "--teacher-steps", help="NAME=STEPS: adapt that teacher longer or "
                                             "shorter (repeatable; default whisper-base=30, whisper-tiny.en=40, "
                                             "ctc=300); other teacher budgets make another shared workspace."),
+    utterances: int = typer.Option(None, min=2, help="Utterances to synthesise, 10% of them held out for the "
+                                   "unseen-voice test (default: 400); another corpus makes another shared workspace."),
+    labelled: int = typer.Option(None, min=1, help="Training utterances with transcripts, the teachers' adaptation "
+                                 "set (default: 120); the students hear every training utterance."),
     settings: list[str] = typer.Option([], "--set", help="KEY=VALUE for every student's config (repeatable), e.g. "
                                        "alignment.weight=0.1 (not applied to a method whose config leaves that "
                                        "section out); teachers and cache are shared with other demos."),
@@ -33,6 +37,7 @@ def demo(
     default = DemoPlan()
     plan = replace(default, methods=tuple(method) or default.methods, seeds=seeds,
                    student_steps=student_steps or default.student_steps, student_settings=tuple(settings),
-                   teacher_steps=parse_teacher_steps(teacher_steps, default.teacher_steps))
+                   teacher_steps=parse_teacher_steps(teacher_steps, default.teacher_steps),
+                   utterances=utterances or default.utterances, labelled=labelled or default.labelled)
     report = run_demo(out, plan=plan, configs=configs, home=home)
     typer.echo(to_markdown(report))

@@ -74,7 +74,7 @@ def test_a_second_demo_with_other_methods_seeds_and_settings_reuses_the_teachers
     assert trained["training"]["lr"] == 5.0e-4 != json.loads((root / "out" / "runs" / "lora_ce-s0" / "config.json")
                                                              .read_text())["training"]["lr"]
     assert report["command"] == (f"kdforge demo --out {root / 'again'} --method lora_ce --seeds 2 --student-steps 2 "
-                                 "--teacher-steps whisper-base=2 --teacher-steps whisper-tiny.en=2 "
+                                 "--utterances 12 --labelled 4 --teacher-steps whisper-base=2 --teacher-steps whisper-tiny.en=2 "
                                  "--teacher-steps ctc=2 --set training.lr=5.0e-4")
 
 

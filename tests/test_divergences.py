@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kdforge.losses import OBJECTIVES, TopKTeacher, adaptive_kl, forward_kl, generalized_jsd, reverse_kl
 from kdforge.losses.divergences import akl_weights, forward_kl_divergence, reverse_kl_divergence
+from kdforge.losses import sparse
 from kdforge.losses.sparse import category_logprobs
 
 from reference import divergence, objective, random_logits, sparse_distributions
@@ -224,3 +225,35 @@ def test_skew_with_no_skew_is_plain_kl():
     student, teacher = random_logits(3, 9, seed=25), random_logits(3, 9, seed=26)
     assert skew_forward_kl(student, teacher, alpha=0.0).item() == forward_kl(student, teacher).item()
     assert skew_reverse_kl(student, teacher, alpha=0.0).item() == reverse_kl(student, teacher).item()
+
+
+def _tail_reference(logits, indices):
+    """The student's k + 1 categories by autograd through a log-softmax, a scatter and a log-sum-exp."""
+    full = torch.log_softmax(logits, -1)
+    outside = full.scatter(-1, indices, float("-inf"))
+    return torch.cat([full.gather(-1, indices), torch.logsumexp(outside, -1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("block_elements", [2**20, 40])  # one block; one row per block
+def test_student_top_and_tail_logprobs_match_autograd_even_for_tiny_tails(monkeypatch, block_elements):
+    monkeypatch.setattr(sparse, "ROW_BLOCK_ELEMENTS", block_elements)
+    logits = random_logits(5, 40, seed=31).double() * 4
+    logits[0, :3] += 80.0  # the top 3 hold all but < 1e-16 of the mass: a tail 1 - sum would lose it
+    indices = logits.topk(3, dim=-1).indices
+    logits.requires_grad_(True)
+    got, want = sparse.topk_and_tail_logprobs(logits, indices), _tail_reference(logits, indices)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert got[0, -1].item() < -40  # log of a tail below 1e-16, exact
+    upstream = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (got_grad,), (want_grad,) = (torch.autograd.grad(x, logits, upstream) for x in (got, want))
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_an_empty_student_tail_is_floored_and_passes_no_gradient():
+    logits = random_logits(2, 6, seed=32).double().requires_grad_(True)
+    indices = torch.stack([torch.randperm(6, generator=torch.Generator().manual_seed(s)) for s in range(2)])
+    got = sparse.topk_and_tail_logprobs(logits, indices)
+    assert (got[:, -1] == sparse.LOG_FLOOR).all()
+    (grad,) = torch.autograd.grad(got[:, -1].sum() + got[:, :-1].sum(), logits)
+    (top_only,) = torch.autograd.grad(torch.log_softmax(logits, -1).sum(), logits)
+    torch.testing.assert_close(grad, top_only)

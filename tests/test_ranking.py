@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kdforge.losses import TopKTeacher, exact_topk_union, forward_kl, rlkd_loss, rlkd_ranking_loss, soft_rank, topk_overlap
-from kdforge.losses.ranking import isotonic_decreasing
+from kdforge.losses.ranking import isotonic_decreasing, topk_indices
 
 import reference
 from reference import random_logits
@@ -201,3 +201,15 @@ def test_rlkd_refuses_a_teacher_or_mask_whose_positions_differ_before_flattening
                          position_weights=weights)
     assert weighted.total.item() == pytest.approx(forward_kl(student, random_logits(2, 3, 10),
                                                              position_weights=weights).item())
+
+
+@pytest.mark.parametrize("vocab_size", [49_152, 51_864])  # SmolLM2's; Whisper's, not a multiple of the block
+def test_block_topk_finds_the_same_ids_as_a_full_topk(vocab_size):
+    logits = torch.randn(2, 3, vocab_size, generator=torch.Generator().manual_seed(8)) * 5
+    logits[0, 0, -1] = 100.0  # the largest entry among the columns after the last whole block
+    logits[0, 1, :64] = 50.0 + torch.arange(64.0)  # one block holding the whole top-k
+    for k in (2, 5, 15):
+        assert torch.equal(topk_indices(logits, k), logits.topk(k, dim=-1).indices)
+    tied = torch.zeros(4, vocab_size)
+    tied[:, ::1000] = 1.0
+    assert torch.equal(tied.gather(-1, topk_indices(tied, 15)), tied.topk(15, dim=-1).values)

@@ -27,6 +27,34 @@ from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_rows
 RankOn = Literal["logits", "probs"]
 
 
+#: Columns per block of :func:`topk_indices`.
+TOPK_BLOCK = 64
+
+
+def topk_indices(values: Tensor, k: int) -> Tensor:
+    """Each row's k largest entries, largest first: ``(..., V) -> (..., k)`` int64 ids.
+
+    The values are those of ``values.topk(k)`` (among equal values the ids may differ). A row's k
+    largest entries lie in the k blocks of :data:`TOPK_BLOCK` columns whose maxima are largest, so a
+    block-max reduction over the vocabulary and a top-k over k blocks replace the top-k over the
+    whole row: about 3x faster on CPU at V = 49,152, where the full top-k is most of the ranking
+    term's cost. Small rows take the plain top-k.
+    """
+    values = values.detach()
+    vocab_size = values.shape[-1]
+    if vocab_size < 8 * TOPK_BLOCK * k:
+        return values.topk(k, dim=-1).indices
+    rows = values.reshape(-1, vocab_size)
+    whole = vocab_size - vocab_size % TOPK_BLOCK
+    blocks = rows[:, :whole].unfold(-1, TOPK_BLOCK, TOPK_BLOCK)  # (n, V // B, B), a view
+    best_blocks = blocks.amax(-1).topk(k, dim=-1).indices
+    offsets = torch.arange(TOPK_BLOCK, device=values.device)
+    candidate_ids = torch.cat([(best_blocks.unsqueeze(-1) * TOPK_BLOCK + offsets).flatten(1),
+                               torch.arange(whole, vocab_size, device=values.device).expand(rows.shape[0], -1)], -1)
+    best = rows.gather(-1, candidate_ids).topk(k, dim=-1).indices
+    return candidate_ids.gather(-1, best).reshape(*values.shape[:-1], k)
+
+
 def exact_topk_union(teacher_topk: Tensor, student_topk: Tensor) -> tuple[Tensor, Tensor]:
     """The exact per-row union of two top-k id lists.
 
@@ -44,17 +72,6 @@ def exact_topk_union(teacher_topk: Tensor, student_topk: Tensor) -> tuple[Tensor
     return ids, valid
 
 
-def _suffix_max(values: Tensor) -> Tensor:
-    """``out[..., i] = max(values[..., i:])`` by log2(m) shifted maxima (much faster than cummax on CPU)."""
-    fill = torch.finfo(values.dtype).min
-    shift = 1
-    while shift < values.shape[-1]:
-        shifted = torch.nn.functional.pad(values[..., shift:], (0, shift), value=fill)
-        values = torch.maximum(values, shifted)
-        shift *= 2
-    return values
-
-
 def _isotonic_min_max(values: Tensor, lengths: Tensor) -> Tensor:
     """The fit of :func:`isotonic_decreasing` by ``v_i = min_{j <= i} max_{k >= i} mean(y_j..y_k)``."""
     n, m = values.shape
@@ -65,7 +82,8 @@ def _isotonic_min_max(values: Tensor, lengths: Tensor) -> Tensor:
     span = (end - start + 1).clamp(min=1).to(values.dtype)
     block_mean = (prefix[:, None, 1:] - prefix[:, :-1, None]) / span  # [row, j, k] = mean(y_j..y_k)
     usable = (end >= start) & (end < lengths.view(n, 1, 1))
-    best_end = _suffix_max(block_mean.masked_fill(~usable, -big))  # [row, j, i] = max_{k >= i} mean(y_j..y_k)
+    # [row, j, i] = max_{k >= i} mean(y_j..y_k): a running maximum from the right
+    best_end = block_mean.masked_fill(~usable, -big).flip(-1).cummax(-1).values.flip(-1)
     return best_end.masked_fill(start > end, big).min(dim=-2).values  # only starts j <= i
 
 
@@ -163,12 +181,12 @@ def teacher_topk(teacher: Teacher, k: int) -> Tensor:
             raise ValueError(f"the sparse teacher keeps {teacher.k} ids per position, fewer than k={k}")
         best = teacher.logprobs.topk(k, dim=-1).indices
         return teacher.indices.gather(-1, best)
-    return teacher.detach().topk(k, dim=-1).indices
+    return topk_indices(teacher, k)
 
 
 def topk_overlap(student_logits: Tensor, teacher: Teacher, k: int) -> Tensor:
     """OR@k per position: ``|topk_T INTERSECT topk_S| / k``, shape ``(...)`` (no gradient)."""
-    student_top = student_logits.detach().topk(k, dim=-1).indices
+    student_top = topk_indices(student_logits, k)
     shared = (student_top.unsqueeze(-1) == teacher_topk(teacher, k).unsqueeze(-2)).any(-1)
     return shared.sum(-1).to(torch.float32) / k
 
@@ -268,7 +286,7 @@ def _ranking_loss(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor 
     teacher = teacher_rows(teacher_logits, row_selector(rows))
     # Full-vocabulary rows are read in place, not copied (ranking probabilities needs their log-partition):
     # only (n, 2k) scores leave them, so the backward writes n * 2k gradients, not whole rows.
-    student_top = flat.detach().topk(k, dim=-1).indices[positions]
+    student_top = topk_indices(flat, k)[positions]
     ids, in_union = exact_topk_union(teacher_topk(teacher, k), student_top)
     # Only (n, 2k) scores are ranked: float64 costs nothing here and keeps values / eps exact
     # when eps is small (float32 would lose the ranks' fractions at values / eps ~ 1e5).

@@ -172,7 +172,9 @@ def objective_loss(
     leading = student_logits.shape[:-1]
     rows = valid_rows(leading, mask, student_logits.device)
     weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
-    student_flat = student_logits.reshape(-1, student_logits.shape[-1])
+    # Already flat: not reshaped, since even a same-shape view's backward keeps the gradient from
+    # being the sole owner of its memory, and RLKD's sparse gradient is then added out of place.
+    student_flat = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, student_logits.shape[-1])
 
     def compute_chunk(student_rows: Tensor, part: slice) -> Tensor:
         chunk_weights = None if weights is None else weights[part]
@@ -180,7 +182,8 @@ def objective_loss(
         return _weighted_divergence_sum(divergence, student_rows, chunk_teacher, chunk_weights, temperature, tail)
 
     if chunk_size is None:
-        total = compute_chunk(student_flat[row_selector(rows)], slice(None))
+        # Every row valid: the rows themselves, since a full slice's backward would copy the gradient.
+        total = compute_chunk(student_flat if rows is None else student_flat[rows], slice(None))
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -33,6 +33,9 @@ TailRule = Literal["bucket", "renormalize"]
 #: floor keeps 0 * log 0 = 0 free of NaN in both values and gradients.
 LOG_FLOOR = -1.0e4
 
+#: Elements per row block of :func:`topk_and_tail_logprobs`' temporaries (4 MiB in float32).
+ROW_BLOCK_ELEMENTS = 2**20
+
 
 @dataclass(frozen=True)
 class TopKTeacher:
@@ -92,6 +95,65 @@ def teacher_rows(teacher: Teacher, selector: Tensor | slice) -> Teacher:
     return teacher.reshape(-1, teacher.shape[-1])[selector]
 
 
+class _TopKAndTailLogprobs(torch.autograd.Function):
+    """:func:`topk_and_tail_logprobs` in seven passes over the logits instead of about twenty.
+
+    Autograd through a log-softmax, a scatter and a log-sum-exp over the whole vocabulary writes
+    and reads several full-size temporaries each way. Here the forward reads the logits for their
+    maximum, writes ``e = exp(x - max)`` once and sums it with the ids zeroed (the tail's mass
+    without cancellation); the backward is closed-form. With ``Z = sum e``, ``O`` the sum outside
+    the ids, ``g`` the incoming ``(n, k + 1)`` gradient and ``G`` its row sum:
+    ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids and ``g_i - e_j G / Z`` at the i-th id.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, indices: Tensor) -> Tensor:
+        maxes, outside, inside = (torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+                                  for _ in range(3))
+        # Row blocks with 4 MiB temporaries: a logits-sized one would be fresh memory,
+        # whose page faults cost more than the arithmetic.
+        block = max(1, ROW_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
+        for start in range(0, logits.shape[0], block):
+            rows, ids = logits[start:start + block], indices[start:start + block]
+            row_max = rows.amax(-1, keepdim=True)
+            shifted = (rows - row_max).exp_()
+            inside[start:start + block] = shifted.gather(-1, ids).sum(-1)
+            outside[start:start + block] = shifted.scatter_(-1, ids, 0.0).sum(-1)
+            maxes[start:start + block] = row_max.squeeze(-1)
+        total = outside + inside
+        top = logits.gather(-1, indices) - (maxes + total.log()).unsqueeze(-1)
+        tail = outside.log() - total.log()
+        ctx.save_for_backward(logits, indices, maxes, total, outside, tail > LOG_FLOOR)
+        tail = tail.clamp(min=LOG_FLOOR)  # an empty tail (k = V), constant to the gradient
+        return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        logits, indices, maxes, total, outside, tail_kept = ctx.saved_tensors
+        grad_top = grad[:, :-1]
+        grad_tail = torch.where(tail_kept, grad[:, -1], torch.zeros_like(outside))
+        per_mass = (grad_top.sum(-1) + grad_tail) / total
+        tail_share = grad_tail / outside.clamp(min=torch.finfo(outside.dtype).tiny)
+        shifted = (logits - maxes.unsqueeze(-1)).exp_()
+        at_ids = grad_top - shifted.gather(-1, indices) * per_mass.unsqueeze(-1)
+        return shifted.mul_((tail_share - per_mass).unsqueeze(-1)).scatter_(-1, indices, at_ids), None
+
+
+def topk_and_tail_logprobs(logits: Tensor, indices: Tensor) -> Tensor:
+    """A student's log-probabilities at a sparse teacher's ids and of the mass outside them.
+
+    Args:
+        logits: ``(n, V)`` float32 or wider.
+        indices: ``(n, k)`` int64, distinct ids per row.
+
+    Returns:
+        ``(n, k + 1)``: ``log softmax(logits)`` at the ids, then ``log(1 - their total)``, computed
+        from the tail's own entries (exact for small tails), floored at :data:`LOG_FLOOR`.
+    """
+    return _TopKAndTailLogprobs.apply(logits, indices)
+
+
 def category_logprobs(
     student_logits: Tensor, teacher: Teacher, temperature: float, tail: TailRule
 ) -> tuple[Tensor, Tensor]:
@@ -110,13 +172,12 @@ def category_logprobs(
     """
     # Softmax over a large vocabulary in bf16 loses the tail; upcast once, here.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    student = student_logits.to(dtype) / temperature
     if not isinstance(teacher, TopKTeacher):
         teacher_logp = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
-        student_logp = torch.log_softmax(student, dim=-1)
+        student_logp = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     elif tail == "renormalize":
         teacher_logp = torch.log_softmax(teacher.logprobs.to(dtype) / temperature, dim=-1)
-        student_logp = torch.log_softmax(student.gather(-1, teacher.indices), dim=-1)
+        student_logp = torch.log_softmax(student_logits.gather(-1, teacher.indices).to(dtype) / temperature, dim=-1)
     elif tail == "bucket":
         # Both sides are first reduced to the same k + 1 categories at T = 1, then tempered over
         # them: a cache cannot temper the teacher's tail token by token, and tempering only the
@@ -126,12 +187,7 @@ def category_logprobs(
             [teacher.logprobs.to(dtype), teacher.tail_logprob.to(dtype).unsqueeze(-1)], dim=-1
         )
         teacher_logp = torch.log_softmax(teacher_categories / temperature, dim=-1)
-        student_full = torch.log_softmax(student_logits.to(dtype), dim=-1)
-        outside = student_full.scatter(-1, teacher.indices, LOG_FLOOR)
-        student_categories = torch.cat(
-            [student_full.gather(-1, teacher.indices), torch.logsumexp(outside, -1, keepdim=True)],
-            dim=-1,
-        )
+        student_categories = topk_and_tail_logprobs(student_logits.to(dtype), teacher.indices)
         student_logp = torch.log_softmax(student_categories / temperature, dim=-1)
     else:
         raise ValueError(f"unknown tail rule {tail!r}; expected 'bucket' or 'renormalize'")

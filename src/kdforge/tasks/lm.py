@@ -148,8 +148,13 @@ def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: Pre
 
 
 def next_token_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """``(B, L-1, V)`` logits aligned with ``batch['targets']``."""
-    return model(input_ids=batch["inputs"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    """``(B, L-1, V)`` logits aligned with ``batch['targets']``.
+
+    The last input predicts nothing, and a causal model's logits at earlier positions do not depend
+    on it: leaving it out is cheaper than slicing the full ``(B, L, V)`` logits, whose slice would be
+    copied in the forward and zero-padded back to full size in the backward.
+    """
+    return model(input_ids=batch["inputs"][:, :-1], attention_mask=batch["attention_mask"][:, :-1]).logits
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,11 @@ def test_two_processes_with_accumulation_reach_the_weights_of_one(tmp_path):
     one = load_file(tmp_path / "one" / "student" / "model.safetensors")
     two = load_file(tmp_path / "two" / "student" / "model.safetensors")
     initial = load_file(load_config(TINY_LM).student.path / "model.safetensors")
+    # AdamW divides each gradient by its running size, so where a gradient is near its eps (rows of
+    # tokens the batch barely touches) float noise between the two summation orders becomes a visible
+    # part of a step: allow 1% of one step (lr 3e-3) per weight, far below what one wrong shard moves.
     for name, weight in one.items():
-        torch.testing.assert_close(two[name], weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(two[name], weight, rtol=1e-4, atol=3e-5)
     assert max((one[n] - initial[n]).abs().max() for n in one) > 1e-3  # training moved the weights
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run_name / "history.jsonl").read_text().splitlines()]
               for run_name in ("one", "two")]

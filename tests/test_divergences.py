@@ -8,9 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdforge.losses import OBJECTIVES, TopKTeacher, adaptive_kl, forward_kl, generalized_jsd, reverse_kl
+from kdforge.losses import OBJECTIVES, TopKTeacher, adaptive_kl, forward_kl, generalized_jsd, reverse_kl, sparse
 from kdforge.losses.divergences import akl_weights, forward_kl_divergence, reverse_kl_divergence
-from kdforge.losses import sparse
 from kdforge.losses.sparse import category_logprobs
 
 from reference import divergence, objective, random_logits, sparse_distributions

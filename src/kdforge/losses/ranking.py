@@ -21,7 +21,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from kdforge.losses.reduction import check_positions, row_count, row_selector, valid_rows
+from kdforge.losses.reduction import check_positions, flat_positions, row_count, row_selector, valid_rows
 from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_rows
 
 RankOn = Literal["logits", "probs"]
@@ -283,8 +283,7 @@ def _ranking_loss(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor 
     check_positions(student_logits, teacher_logits, mask)
     leading, vocab_size = student_logits.shape[:-1], student_logits.shape[-1]
     rows = valid_rows(leading, mask, student_logits.device)
-    # Not reshaped when already flat: even a same-shape reshape adds a backward that a sparse gradient cannot pass.
-    flat = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, vocab_size)
+    flat = flat_positions(student_logits)
     positions = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows
     teacher = teacher_rows(teacher_logits, row_selector(rows))
     # Full-vocabulary rows are read in place, not copied (ranking probabilities needs their log-partition):

@@ -64,6 +64,15 @@ def valid_rows(leading_shape: torch.Size, mask: Tensor | None, device: torch.dev
     return mask.reshape(-1).nonzero().squeeze(-1).to(device)
 
 
+def flat_positions(logits: Tensor) -> Tensor:
+    """``(..., V) -> (n, V)``; logits that are already ``(n, V)`` are returned as they are.
+
+    Even a same-shape reshape adds a view's backward, after which the gradient no longer owns its
+    memory: RLKD's sparse gradient is then added out of place instead of into the base objective's.
+    """
+    return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+
+
 def row_selector(rows: Tensor | None, part: slice = slice(None)) -> Tensor | slice:
     """Index of ``part`` of the valid rows: a slice (a view, no copy) when every row is valid."""
     return part if rows is None else rows[part]
@@ -172,9 +181,7 @@ def objective_loss(
     leading = student_logits.shape[:-1]
     rows = valid_rows(leading, mask, student_logits.device)
     weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
-    # Already flat: not reshaped, since even a same-shape view's backward keeps the gradient from
-    # being the sole owner of its memory, and RLKD's sparse gradient is then added out of place.
-    student_flat = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, student_logits.shape[-1])
+    student_flat = flat_positions(student_logits)
 
     def compute_chunk(student_rows: Tensor, part: slice) -> Tensor:
         chunk_weights = None if weights is None else weights[part]

@@ -113,6 +113,22 @@ def test_student_projection_shapes_and_parameters(kind, per_layer):
     assert not torch.allclose(projection(hidden, 0), projection(hidden, 1))
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_projecting_every_student_layer_at_once_is_each_layer_through_its_own_projection(kind):
+    projection = StudentProjection(width=6, dim=12, num_layers=3, kind=kind)
+    points = gaussian(3, 5, 6, seed=11).requires_grad_()
+    together = projection.map_layers(points)
+    one_by_one = torch.stack([projection(points[slot], slot) for slot in range(3)])
+    torch.testing.assert_close(together, one_by_one)
+    upstream = gaussian(3, 5, 12, seed=12)
+    gradients = torch.autograd.grad((together * upstream).sum(), [points, *projection.parameters()])
+    expected = torch.autograd.grad((one_by_one * upstream).sum(), [points, *projection.parameters()])
+    for got, want in zip(gradients, expected):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"expected \(3, N, width\) points"):
+        projection.map_layers(points[:2])
+
+
 def test_resample_linear_places_a_ramp_at_the_new_centres():
     ramp = torch.arange(6.0).reshape(6, 1)
     # Output centre i of 4 sits at input position (i + 1/2) * 6/4 - 1/2.

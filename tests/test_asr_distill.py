@@ -1,5 +1,6 @@
 """Distilling ASR teachers into a Whisper student from the cache: layer plan, signals, terms, export."""
 
+import json
 import math
 
 import pytest
@@ -104,6 +105,31 @@ def test_targets_are_references_on_the_labelled_part_and_the_ensemble_elsewhere(
         text = record.transcription if record.id in labelled else task.cache.text(ENSEMBLE, record.id)
         assert ids == task.tokenizer(" " + text.strip()).input_ids
     assert task.logit_teachers == ["wide"]  # the CTC teacher's characters are not the student's vocabulary
+
+
+def test_a_student_can_keep_some_of_the_encoder_too(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path):
+    from kdforge.models.tiny import build_tiny_whisper
+    from kdforge.student.init import init_student
+    from kdforge.tasks.asr_distill import layer_plan
+
+    teacher = build_tiny_whisper(tmp_path / "deep", d_model=8, encoder_layers=3, decoder_layers=2, seed=4)
+    student = init_student(teacher, tmp_path / "student", num_layers=1, encoder_layers=2)
+    config = json.loads((student / "config.json").read_text())
+    assert (config["encoder_layers"], config["decoder_layers"]) == (2, 1)
+    teacher_weights, student_weights = load_file(teacher / "model.safetensors"), load_file(student / "model.safetensors")
+    name = "model.encoder.layers.{}.fc1.weight"
+    assert torch.equal(student_weights[name.format(0)], teacher_weights[name.format(0)])
+    assert torch.equal(student_weights[name.format(1)], teacher_weights[name.format(2)])  # layers 0 and 2 of 3
+    assert name.format(2) not in student_weights
+
+    # the layer map reads the student's own encoder depth, not its teacher's
+    cut = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path / "cache",
+                         student={"init_from": str(teacher), "num_layers": 1, "encoder_layers": 2})
+    student_layers, plan = layer_plan(cut)
+    assert student_layers == [1, 2]
+    assert plan == {"wide": [1, 2], "ctc.v1": [1, 1]}  # onto the 3 and 2 hidden states of the teachers
+    with pytest.raises(KdforgeError, match="encoder_layers cuts a Whisper encoder"):
+        init_student(tiny_ctc, tmp_path / "ctc-student", encoder_layers=1)
 
 
 def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whisper, wide_whisper, tiny_ctc,

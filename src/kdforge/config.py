@@ -67,14 +67,16 @@ class StudentConfig(StrictModel):
     init_from: ModelPath | None = Field(None, description="Build the student from this teacher directory's layers.")
     layers: list[int] | None = Field(None, description="Teacher layers kept (with init_from); default: maximally spaced.")
     num_layers: int | None = Field(None, ge=1, description="How many maximally spaced layers to keep (with init_from).")
+    encoder_layers: int | None = Field(None, ge=1, description="Whisper only: keep this many maximally spaced "
+                                       "encoder layers too (with init_from); default: the whole encoder.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
         if (self.path is None) == (self.init_from is None):
             raise ValueError("give exactly one of 'path' and 'init_from'")
-        if self.init_from is None and (self.layers is not None or self.num_layers is not None):
-            raise ValueError("'layers' and 'num_layers' need 'init_from'")
+        if self.init_from is None and (self.layers, self.num_layers, self.encoder_layers) != (None, None, None):
+            raise ValueError("'layers', 'num_layers' and 'encoder_layers' need 'init_from'")
         return self
 
 

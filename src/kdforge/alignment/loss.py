@@ -12,11 +12,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kdforge.losses.features import cosine_loss, geodesic_loss, mse_loss
+from kdforge.losses.features import (cosine_distance, cosine_loss, geodesic_distance, geodesic_loss,
+                                     mse_loss)
+from kdforge.losses.reduction import masked_mean
 
 POINT_LOSSES = {"geodesic": geodesic_loss, "cosine": cosine_loss, "mse": mse_loss}
-#: Point losses of the angle alone: normalising their points first would change nothing but the cost.
-SCALE_FREE = ("geodesic", "cosine")
+#: Point losses of the angle alone, as functions of the cosine: :func:`lppm_loss` computes every
+#: teacher's cosines in one pass for them instead of one point loss per teacher.
+ANGULAR_DISTANCES = {"geodesic": geodesic_distance, "cosine": cosine_distance}
 
 
 def spherical_centroid(points: Tensor, weights: Tensor) -> Tensor:
@@ -106,16 +109,44 @@ def lppm_loss(
         raise ValueError(f"{tuple(teacher_weights.shape)} teacher weights for {teacher_points.shape[0]} teachers")
     if bool((teacher_weights < 0).any()) or not bool(teacher_weights.sum() > 0):
         raise ValueError(f"teacher weights must be non-negative and not all zero, got {teacher_weights.tolist()}")
-    loss = POINT_LOSSES[point_loss]
     # Float32 at least: half-precision dot products of unit vectors lose the small angles measured here.
     dtype = torch.promote_types(student_points.dtype, torch.float32)
     student, teachers = student_points.to(dtype), teacher_points.to(dtype)
-    if normalize and point_loss not in SCALE_FREE:
-        student, teachers = F.normalize(student, dim=-1), F.normalize(teachers, dim=-1)
     weights = teacher_weights.to(student.device, dtype)
     weights = weights / weights.sum()
     every_layer_mask = mask.expand(layers, batch, length)
+    if point_loss in ANGULAR_DISTANCES:
+        return _angular_lppm(student, teachers, every_layer_mask, weights, target, ANGULAR_DISTANCES[point_loss])
+    if normalize:
+        student, teachers = F.normalize(student, dim=-1), F.normalize(teachers, dim=-1)
+    loss = POINT_LOSSES[point_loss]
     if target == "centroid":
         return loss(student, spherical_centroid(teachers, weights), every_layer_mask)
     per_teacher = torch.stack([loss(student, teacher, every_layer_mask) for teacher in teachers])
     return (weights * per_teacher).sum()
+
+
+def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tensor, target: str,
+                  distance) -> Tensor:
+    """:func:`lppm_loss` for a point loss of the angle alone, every teacher at once.
+
+    The student is normalised once for all teachers, and since every teacher shares the mask, the
+    weighted average of per-teacher means is the mean of the per-point weighted sums.
+
+    Args:
+        student: ``(L, B, T, D)``.
+        teachers: ``(M, L, B, T, D)``.
+        mask: ``(L, B, T)`` bool.
+        weights: ``(M,)`` summing to 1.
+        target: ``"sum"`` or ``"centroid"``.
+        distance: cosine ``(...)`` -> distance ``(...)``, from :data:`ANGULAR_DISTANCES`.
+
+    Returns:
+        A scalar.
+    """
+    unit_student = F.normalize(student, dim=-1)
+    if target == "centroid":
+        return masked_mean(distance((unit_student * spherical_centroid(teachers, weights)).sum(-1)), mask)
+    cosines = (unit_student * F.normalize(teachers, dim=-1)).sum(-1)
+    per_point = (weights.reshape(-1, 1, 1, 1) * distance(cosines)).sum(0)
+    return masked_mean(per_point, mask)

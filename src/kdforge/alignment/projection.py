@@ -137,3 +137,17 @@ class StudentProjection(nn.Module):
         """``(B, T, width) -> (B, T, dim)`` through the projection of mapped layer ``layer_slot``."""
         check_layer_slot(layer_slot, len(self.layers))
         return self.layers[layer_slot](hidden)
+
+    def map_layers(self, hidden: Tensor) -> Tensor:
+        """``(layers, N, width) -> (layers, N, dim)``: each mapped layer's points through its own projection.
+
+        Linear projections take one batched ``bias + points @ weight^T`` (forward and backward are
+        one product each instead of one per layer).
+        """
+        if hidden.dim() != 3 or hidden.shape[0] != len(self.layers):
+            raise ValueError(f"expected ({len(self.layers)}, N, width) points, got {tuple(hidden.shape)}")
+        if isinstance(self.layers[0], nn.Linear):
+            weights = torch.stack([layer.weight for layer in self.layers]).transpose(1, 2)
+            biases = torch.stack([layer.bias for layer in self.layers]).unsqueeze(1)
+            return torch.baddbmm(biases, hidden, weights.to(hidden.dtype))
+        return torch.stack([self(points, slot) for slot, points in enumerate(hidden)])

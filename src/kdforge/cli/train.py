@@ -36,10 +36,11 @@ def student_init(
     out: Path = typer.Option(..., "--out", help="Where to save the student."),
     layers: str = typer.Option(None, help="Comma-separated teacher layers to keep, e.g. 0,5,10."),
     num_layers: int = typer.Option(None, help="Keep this many maximally spaced (decoder) layers (default: 2 of a Whisper decoder, a quarter of an LM)."),
+    encoder_layers: int = typer.Option(None, min=1, help="Whisper: keep this many maximally spaced encoder layers too (default: all)."),
 ) -> None:
     """Save a student made of some of the teacher's layers."""
     try:
         kept = [int(part) for part in layers.split(",")] if layers else None
     except ValueError:
         raise KdforgeError(f"--layers takes comma-separated layer numbers, got {layers!r}") from None
-    typer.echo(init_student(source, out, kept, num_layers))
+    typer.echo(init_student(source, out, kept, num_layers, encoder_layers))

@@ -19,12 +19,25 @@ def _cosine(student_points: Tensor, teacher_points: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(student_points.to(dtype), teacher_points.to(dtype), dim=-1)
 
 
+def geodesic_distance(cosine: Tensor, eps: float = 1e-6) -> Tensor:
+    """Great-circle distance from a cosine, ``arccos(clamp(cos, -1 + eps, 1 - eps))``: ``(...) -> (...)``.
+
+    The clamp keeps arccos's gradient finite where the points coincide (or are opposite).
+    """
+    return torch.arccos(cosine.clamp(-1 + eps, 1 - eps))
+
+
+def cosine_distance(cosine: Tensor) -> Tensor:
+    """``1 - cos`` from a cosine: ``(...) -> (...)``."""
+    return 1 - cosine
+
+
 def geodesic_loss(student_points: Tensor, teacher_points: Tensor, mask: Tensor | None = None,
                   eps: float = 1e-6) -> Tensor:
     """Great-circle distance on the unit sphere, ``arccos(clamp(<s, t>, -1 + eps, 1 - eps))``.
 
-    Points are L2-normalised first, so unnormalised inputs are projected onto the sphere; the clamp
-    keeps arccos's gradient finite where the points coincide.
+    Points are L2-normalised first, so unnormalised inputs are projected onto the sphere; see
+    :func:`geodesic_distance` for the clamp.
 
     Args:
         student_points: ``(..., D)``.
@@ -35,13 +48,12 @@ def geodesic_loss(student_points: Tensor, teacher_points: Tensor, mask: Tensor |
     Returns:
         A scalar in [0, pi].
     """
-    cosine = _cosine(student_points, teacher_points).clamp(-1 + eps, 1 - eps)
-    return masked_mean(torch.arccos(cosine), mask)
+    return masked_mean(geodesic_distance(_cosine(student_points, teacher_points), eps), mask)
 
 
 def cosine_loss(student_points: Tensor, teacher_points: Tensor, mask: Tensor | None = None) -> Tensor:
     """``1 - cos(s, t)`` per point, averaged over valid points; shapes as :func:`geodesic_loss`."""
-    return masked_mean(1 - _cosine(student_points, teacher_points), mask)
+    return masked_mean(cosine_distance(_cosine(student_points, teacher_points)), mask)
 
 
 def mse_loss(student_points: Tensor, teacher_points: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -2,9 +2,9 @@
 
 ``kdforge student init --from TEACHER_DIR --layers 0,5,10 --out DIR`` keeps the chosen decoder
 layers (maximally spaced by default) with everything around them (embeddings, norms, head, and for
-Whisper the whole encoder), so the student starts from real weights and speaks the teacher's
-vocabulary. Defaults: a quarter of a causal LM's layers; two decoder layers of a Whisper model
-(distil-whisper's choice).
+Whisper the whole encoder unless ``--encoder-layers`` cuts it too), so the student starts from real
+weights and speaks the teacher's vocabulary. Defaults: a quarter of a causal LM's layers; two decoder
+layers of a Whisper model (distil-whisper's choice).
 """
 
 from __future__ import annotations
@@ -55,32 +55,40 @@ def _chosen_layers(total: int, layers: list[int] | None, num_layers: int) -> lis
 
 
 def init_student(teacher_dir: str | Path, out_dir: str | Path, layers: list[int] | None = None,
-                 num_layers: int | None = None) -> Path:
+                 num_layers: int | None = None, encoder_layers: int | None = None) -> Path:
     """Save a student made of the teacher's ``layers`` (default: ``num_layers`` maximally spaced).
 
-    Whisper teachers keep their encoder and lose decoder layers; causal LMs lose layers.
+    Whisper teachers lose decoder layers and keep their encoder, or its ``encoder_layers`` maximally
+    spaced layers when given; causal LMs lose layers.
 
     Raises:
-        KdforgeError: a layer the teacher lacks, duplicate layers, no teacher directory, or an
-            ``out_dir`` that already holds something.
+        KdforgeError: a layer the teacher lacks, duplicate layers, ``encoder_layers`` for a model
+            without an encoder, no teacher directory, or an ``out_dir`` that already holds something.
     """
     from kdforge.models.loading import model_type_of
 
-    teacher_dir, out_dir = Path(teacher_dir), check_new_folder(out_dir)
-    if model_type_of(teacher_dir) == "whisper":
-        return _init_whisper_student(teacher_dir, out_dir, layers, num_layers or 2)
+    teacher_dir = Path(teacher_dir)
+    is_whisper = model_type_of(teacher_dir) == "whisper"
+    if encoder_layers is not None and not is_whisper:
+        raise KdforgeError(f"encoder_layers cuts a Whisper encoder; {teacher_dir} is not a Whisper model")
+    out_dir = check_new_folder(out_dir)
+    if is_whisper:
+        return _init_whisper_student(teacher_dir, out_dir, layers, num_layers or 2, encoder_layers)
     return _init_causal_lm_student(teacher_dir, out_dir, layers, num_layers)
 
 
-def _init_whisper_student(teacher_dir: Path, out_dir: Path, layers: list[int] | None, num_layers: int) -> Path:
+def _init_whisper_student(teacher_dir: Path, out_dir: Path, layers: list[int] | None, num_layers: int,
+                          encoder_layers: int | None) -> Path:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     teacher = WhisperForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32, **SAFE_LOADING)
     config = teacher.config
     layers = _chosen_layers(config.decoder_layers, layers, num_layers)
-    config.decoder_layers = len(layers)
+    encoder_kept = _chosen_layers(config.encoder_layers, None, encoder_layers or config.encoder_layers)
+    config.decoder_layers, config.encoder_layers = len(layers), len(encoder_kept)
     student = WhisperForConditionalGeneration(config)
-    student.load_state_dict(keep_layers(teacher.state_dict(), "model.decoder.layers.", layers), strict=True)
+    state = keep_layers(teacher.state_dict(), "model.decoder.layers.", layers)
+    student.load_state_dict(keep_layers(state, "model.encoder.layers.", encoder_kept), strict=True)
     student.generation_config = teacher.generation_config
     student.save_pretrained(out_dir)
     load_preprocessor(WhisperProcessor, teacher_dir).save_pretrained(out_dir)

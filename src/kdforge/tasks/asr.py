@@ -46,7 +46,8 @@ def student_folder(config, work_dir: Path) -> Path:
         return config.student.path
     folder = work_dir / "student-init"
     if not (folder / "config.json").exists():
-        init_student(config.student.init_from, folder, config.student.layers, config.student.num_layers)
+        init_student(config.student.init_from, folder, config.student.layers, config.student.num_layers,
+                     config.student.encoder_layers)
     return folder
 
 

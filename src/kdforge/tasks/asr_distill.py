@@ -61,8 +61,9 @@ def layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
     Raises:
         KdforgeError: a layer a model lacks, or an explicit list of the wrong length.
     """
-    student_dir = config.student.path or config.student.init_from
-    student_depth = encoder_shape(student_dir)[0]
+    student = config.student
+    student_depth = (student.encoder_layers + 1 if student.path is None and student.encoder_layers
+                     else encoder_shape(student.path or student.init_from)[0])
     alignment = config.alignment
     student_layers = (alignment.student_layers if alignment and alignment.student_layers
                       else list(range(1, student_depth)))
@@ -331,8 +332,7 @@ class WhisperDistillationTask(WhisperTask):
         if any(points.shape[1] != count for points in teacher_points):
             raise ValueError(f"the teachers' packed points ({', '.join(str(p.shape[1]) for p in teacher_points)}) "
                              f"are not the student's {count}: batch() and the loss disagree on the valid points")
-        student = torch.stack([self.heads[f"{group}student"](states[valid], slot)
-                               for slot, states in enumerate(student_states)])
+        student = self.heads[f"{group}student"].map_layers(torch.stack([states[valid] for states in student_states]))
         teachers = torch.stack([maps.map_layers(points)
                                 for maps, points in zip(self.heads[f"{group}teachers"], teacher_points)])
         if alignment.pointwise:  # (L, 1, N, D) and (M, L, 1, N, D)

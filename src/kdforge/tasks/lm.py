@@ -211,7 +211,7 @@ class LMTask:
             student_dir = work_dir / "student-init"
             if not (student_dir / "config.json").exists():
                 init_student(config.student.init_from, student_dir, config.student.layers,
-                                       config.student.num_layers)
+                             config.student.num_layers, config.student.encoder_layers)
         self.student, self.tokenizer = load_causal_lm(student_dir)
         reads_cache = bool(config.teachers) and config.cache.dir is not None
         self.teachers = []

@@ -128,6 +128,9 @@ def test_a_student_can_keep_some_of_the_encoder_too(tiny_whisper, wide_whisper, 
     student_layers, plan = layer_plan(cut)
     assert student_layers == [1, 2]
     assert plan == {"wide": [1, 2], "ctc.v1": [1, 1]}  # onto the 3 and 2 hidden states of the teachers
+    cut.student.encoder_layers = 4  # named before any cache is built for a student that cannot exist
+    with pytest.raises(KdforgeError, match="student.encoder_layers is 4, but .* has 3 encoder layers"):
+        layer_plan(cut)
     with pytest.raises(KdforgeError, match="encoder_layers cuts a Whisper encoder"):
         init_student(tiny_ctc, tmp_path / "ctc-student", encoder_layers=1)
 

@@ -89,8 +89,8 @@ def lppm_loss(
         target: ``"sum"`` or ``"centroid"``.
         point_loss: ``"geodesic"`` (``arccos`` of the clamped cosine), ``"cosine"`` (``1 - cos``) or
             ``"mse"``, from :mod:`kdforge.losses.features`.
-        normalize: L2-normalise every point onto the unit sphere first (it matters for MSE; geodesic
-            and cosine depend on the angle alone, so their points are left as they are).
+        normalize: L2-normalise every point onto the unit sphere first (it matters for MSE alone:
+            geodesic and cosine depend on the angle only, so it changes nothing for them).
 
     Returns:
         A scalar: 0 with a gradient path when no point is valid.

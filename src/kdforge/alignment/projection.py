@@ -149,5 +149,5 @@ class StudentProjection(nn.Module):
         if isinstance(self.layers[0], nn.Linear):
             weights = torch.stack([layer.weight for layer in self.layers]).transpose(1, 2)
             biases = torch.stack([layer.bias for layer in self.layers]).unsqueeze(1)
-            return torch.baddbmm(biases, hidden, weights.to(hidden.dtype))
+            return torch.baddbmm(biases, hidden, weights)
         return torch.stack([self(points, slot) for slot, points in enumerate(hidden)])

@@ -59,11 +59,16 @@ def layer_plan(config) -> tuple[list[int], dict[str, list[int]]]:
     explicit ``layers`` must pair one-to-one with the student's.
 
     Raises:
-        KdforgeError: a layer a model lacks, or an explicit list of the wrong length.
+        KdforgeError: a layer a model lacks (``student.encoder_layers`` included), or an explicit
+            list of the wrong length.
     """
     student = config.student
-    student_depth = (student.encoder_layers + 1 if student.path is None and student.encoder_layers
-                     else encoder_shape(student.path or student.init_from)[0])
+    student_depth = encoder_shape(student.path or student.init_from)[0]
+    if student.encoder_layers:  # set only with init_from: the student keeps that many of its encoder layers
+        if student.encoder_layers >= student_depth:
+            raise KdforgeError(f"student.encoder_layers is {student.encoder_layers}, but {student.init_from} "
+                               f"has {student_depth - 1} encoder layers")
+        student_depth = student.encoder_layers + 1
     alignment = config.alignment
     student_layers = (alignment.student_layers if alignment and alignment.student_layers
                       else list(range(1, student_depth)))

@@ -142,6 +142,7 @@ def test_teacher_hidden_states_reach_the_student_frames_in_the_batch(tiny_whispe
 
     config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     task = WhisperDistillationTask(config, tmp_path)
+    task.premapped = set()  # the raw states, as from a cache built without this run's maps
     batch = task.batch([0, 1, 2])
     frames = batch["encoder_frames"].tolist()
     for name, width in (("wide", 16), ("ctc.v1", 32)):
@@ -174,6 +175,7 @@ def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(ti
 
     config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
     task = WhisperDistillationTask(config, tmp_path)
+    task.premapped = set()  # raw states, mapped in the loss
     batch = task.batch([0, 1, 2])
     batch["encoder_frames"] = torch.tensor([20, 35, 50])  # these utterances fill the tiny window: pretend they don't
     for name in ("wide", "ctc.v1"):  # the teachers' points resampled to those frames
@@ -192,6 +194,37 @@ def test_the_lppm_term_is_the_loss_over_frames_of_speech_in_the_padded_window(ti
     teachers = torch.stack([torch.stack([task.heads["teachers"][m](on_the_grid(batch[f"hidden/{name}"][0]), 0)])
                             for m, name in enumerate(("wide", "ctc.v1"))])
     torch.testing.assert_close(term, lppm_loss(student, teachers, frames, task.teacher_weights))
+
+
+def test_the_cache_stores_the_points_through_the_runs_fixed_maps_and_the_loss_reads_them_unchanged(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, cache_dir):
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir)
+    task = WhisperDistillationTask(config, tmp_path)
+    assert task.premapped == {"wide", "ctc.v1"}
+    for maps, name in zip(task.heads["teachers"], ("wide", "ctc.v1")):  # the run's own maps gave the cached points
+        layer = task.teacher_layers[name][0]
+        cached = task.cache.signals(name, task.ids[0], [f"hidden.{layer}", f"mapped.{layer}"])
+        expected = maps.map_layers(cached[f"hidden.{layer}"].float()[None])[0]
+        assert cached[f"mapped.{layer}"].shape == (expected.shape[0], 64)
+        torch.testing.assert_close(cached[f"mapped.{layer}"].float(), expected, atol=2e-3, rtol=2e-3)  # float16
+    batch = task.batch([0, 1, 2])
+    assert batch["hidden/wide"].shape[-1] == batch["hidden/ctc.v1"].shape[-1] == 64
+    ready, _ = task._lppm(task.forward(batch["features"], batch["inputs"], hidden_states=True).encoder_hidden_states,
+                          batch)
+    task.premapped = set()
+    raw = task.batch([0, 1, 2])
+    mapped_in_the_step, _ = task._lppm(task.forward(raw["features"], raw["inputs"], hidden_states=True)
+                                       .encoder_hidden_states, raw)
+    torch.testing.assert_close(ready, mapped_in_the_step, atol=1e-3, rtol=1e-3)
+
+    # other maps (another seed) or learned ones: the cache still serves, the run maps the raw states itself
+    other_seed = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, alignment={"seed": 5})
+    learned = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
+                             alignment={"teacher_map": "learned"})
+    for other in (other_seed, learned):
+        assert WhisperDistillationTask(other, tmp_path / "other").premapped == set()
 
 
 def test_a_stale_cache_is_refused_naming_the_setting(tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, cache_dir):

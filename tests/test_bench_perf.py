@@ -30,6 +30,7 @@ def test_quick_run_reports_every_metric_from_its_measurements(tmp_path, monkeypa
     cache = report["cache"]
     assert report["parallel_cache_speedup"] == cache["workers_1"]["seconds"] / cache["workers_2"]["seconds"]
     assert set(cache["workers_2"]["teacher_seconds"]) == {"whisper-wide", "whisper-narrow", "ctc"}
+    assert cache["megabytes"] > 0
     assert 0 < report["chunked_peak_mb"] < report["naive_peak_mb"]
     speed = report["throughput"]
     assert speed["utterances"] == 32 and set(speed["members"]) == {"whisper-wide", "whisper-narrow", "ctc"}
@@ -55,7 +56,9 @@ def test_the_online_step_computes_what_the_cache_holds(tmp_path, monkeypatch):
     build_cache_from_config(distil, distil.cache.dir)
     # the cache's first batch of teacher passes: the online step runs the teachers on the same inputs
     indices = list(range(distil.cache.batch_size))
-    cached = WhisperDistillationTask(distil, tmp_path).batch(indices)
+    cached_task = WhisperDistillationTask(distil, tmp_path)
+    cached_task.premapped = set()  # the raw states, which the online teachers give (and the step then maps)
+    cached = cached_task.batch(indices)
     online_task = perf.OnlineDistillationTask(distil, tmp_path)
 
     def no_cache_read(*args, **kwargs):

@@ -173,7 +173,7 @@ def test_cli_builds_from_a_config_and_verify_names_a_bad_shard(tiny_whisper, spe
     assert set(json.loads(done.stdout.strip().splitlines()[-1])["teacher_seconds"]) == {"tiny"}
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["teachers"]["tiny"]["settings"] == {"layers": [1], "decoder_layers": [], "top_k": 3, "audio_ctx": None,
-                                                     "labelled": None}
+                                                     "labelled": None, "map": None}  # no mapping: no mapped states
     done = subprocess.run([*run, "verify", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "2 shards match" in done.stdout  # the teacher's and the targets'
     shard = tmp_path / "cache" / "tiny" / "shard-00000.safetensors"

@@ -20,6 +20,8 @@ POINT_LOSSES = {"geodesic": geodesic_loss, "cosine": cosine_loss, "mse": mse_los
 #: Point losses of the angle alone, as functions of the cosine: :func:`lppm_loss` computes every
 #: teacher's cosines in one pass for them instead of one point loss per teacher.
 ANGULAR_DISTANCES = {"geodesic": geodesic_distance, "cosine": cosine_distance}
+#: ``F.normalize``'s floor on a norm: a zero point has cosine 0 with everything, not NaN.
+NORM_EPS = 1e-12
 
 
 def spherical_centroid(points: Tensor, weights: Tensor) -> Tensor:
@@ -130,8 +132,10 @@ def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tens
                   distance) -> Tensor:
     """:func:`lppm_loss` for a point loss of the angle alone, every teacher at once.
 
-    The student is normalised once for all teachers, and since every teacher shares the mask, the
-    weighted average of per-teacher means is the mean of the per-point weighted sums.
+    The student is normalised once for all teachers; the teachers' cosines are one contraction over
+    ``D`` divided by their norms, with no normalised copy of the teachers' points nor a
+    ``(M, L, B, T, D)`` product; and since every teacher shares the mask, the weighted average of
+    per-teacher means is the mean of the per-point weighted sums.
 
     Args:
         student: ``(L, B, T, D)``.
@@ -147,6 +151,7 @@ def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tens
     unit_student = F.normalize(student, dim=-1)
     if target == "centroid":
         return masked_mean(distance((unit_student * spherical_centroid(teachers, weights)).sum(-1)), mask)
-    cosines = (unit_student * F.normalize(teachers, dim=-1)).sum(-1)
+    norms = torch.linalg.vector_norm(teachers, dim=-1).clamp(min=NORM_EPS)  # as F.normalize divides
+    cosines = torch.einsum("lbtd,mlbtd->mlbt", unit_student, teachers) / norms
     per_point = (weights.reshape(-1, 1, 1, 1) * distance(cosines)).sum(0)
     return masked_mean(per_point, mask)

@@ -124,18 +124,21 @@ def recipe_configs(configs: Path, teachers: dict[str, Path], cache_dir: Path, re
 
 def cache_build_seconds(config, work: Path) -> dict:
     """Wall and per-teacher seconds of building the cache with 1 worker (into ``config.cache.dir``,
-    which the steps then read) and with 2."""
+    which the steps then read) and with 2, and the cache's size on disk."""
     from kdforge.teachers.build import build_cache_from_config
 
     serial = build_cache_from_config(config, config.cache.dir, workers=1)
     parallel = build_cache_from_config(config, work / "cache-2-workers", workers=2)
-    return {"workers_1": serial, "workers_2": parallel, "speedup": serial["seconds"] / parallel["seconds"]}
+    megabytes = sum(f.stat().st_size for f in config.cache.dir.rglob("*") if f.is_file()) / 2**20
+    return {"workers_1": serial, "workers_2": parallel, "speedup": serial["seconds"] / parallel["seconds"],
+            "megabytes": megabytes}
 
 
 class OnlineDistillationTask(WhisperDistillationTask):
     """The distillation task with its teachers run on every batch instead of read from the cache.
 
-    Only the training targets (chosen by the cache's first pass) are still read from the cache.
+    Only the training targets (chosen by the cache's first pass) are still read from the cache; the
+    teachers' hidden states come raw from their run and are mapped in the step.
     """
 
     def __init__(self, config, work_dir: Path):
@@ -144,6 +147,7 @@ class OnlineDistillationTask(WhisperDistillationTask):
         from kdforge.teachers.cache import ENSEMBLE
 
         super().__init__(config, work_dir)
+        self.premapped = set()
         layers, decoder_layers = layer_plan(config)[1], decoder_layer_plan(config)[1]
         used = {*self.logit_teachers, *(t.label for t in self.mapped)}
         self.teacher_runs = {t.label: teacher_signals(t.path, layers[t.label], config.cache.top_k, config.audio.audio_ctx,
@@ -334,7 +338,8 @@ def to_markdown(report: dict) -> str:
         f"{_ratio(seconds['cached_without_logit_terms'] / seconds['student'])} | "
         f"{seconds['cached_without_logit_terms']:.3f} s: what the logit terms cost |",
         f"| parallel_cache_speedup | {_ratio(report['parallel_cache_speedup'])} | "
-        f"{cache['workers_1']['seconds']:.1f} s (1 worker) / {cache['workers_2']['seconds']:.1f} s (2 workers) |",
+        f"{cache['workers_1']['seconds']:.1f} s (1 worker) / {cache['workers_2']['seconds']:.1f} s (2 workers); "
+        f"the cache holds {cache['megabytes']:.0f} MB |",
         f"| ddp_2proc_throughput_ratio | {_ratio(report['ddp_2proc_throughput_ratio'])} | " + (
             f"{ddp['processes_2']['samples_per_s']:.1f} / {ddp['processes_1']['samples_per_s']:.1f} samples/s "
             f"({ddp['processes_2']['threads_per_process']} / {ddp['processes_1']['threads_per_process']} threads "

@@ -134,6 +134,38 @@ def cache_expectations(config) -> dict[str, tuple[Path, dict]]:
             for t in config.teachers}
 
 
+def mapped_teachers(config) -> list:
+    """The teachers the projection mapping reaches, in config order (their maps' seeds follow it)."""
+    alignment = config.alignment
+    if alignment is None or alignment.weight == 0:
+        return []
+    return [t for t in config.teachers if alignment.teachers is None or t.label in alignment.teachers]
+
+
+def shared_space_dimension(config) -> int:
+    """``D``: ``alignment.dim``, or :func:`~kdforge.alignment.shared_dimension` of the student's and
+    the mapped teachers' widths."""
+    widths = [encoder_shape(config.student.path or config.student.init_from)[1],
+              *(encoder_shape(t.path)[1] for t in mapped_teachers(config))]  # a Whisper decoder is as wide
+    return config.alignment.dim or shared_dimension(widths)
+
+
+def fixed_teacher_maps(config) -> dict[str, dict]:
+    """Per mapped teacher, what fixes its encoder maps: ``{"dim", "seed", "layers"}`` (the map of
+    ``layers[i]`` is :class:`~kdforge.alignment.TeacherProjection`'s slot ``i`` drawn from ``seed``).
+
+    The cache stores each teacher's hidden states mapped this way (``mapped.<layer>``) beside the raw
+    ones, so that a run with these maps reads its teacher points ready in the shared space (METHODS.md:
+    the cache holds mapped hidden states). Empty when the maps are learned or the identity.
+    """
+    teachers = mapped_teachers(config)
+    if not teachers or config.alignment.teacher_map != "fixed":
+        return {}
+    dim, plan = shared_space_dimension(config), layer_plan(config)[1]
+    return {t.label: {"dim": dim, "seed": config.alignment.seed + index, "layers": plan[t.label]}
+            for index, t in enumerate(teachers)}
+
+
 def open_cache(config) -> TeacherCache:
     """The run's teacher cache (``cache.dir``), built first if the folder does not exist yet."""
     from kdforge.teachers.build import build_cache_from_config
@@ -177,8 +209,9 @@ class WhisperDistillationTask(WhisperTask):
         self._check_cached_labels()
         self.student_layers, plan = layer_plan(config)
         alignment = config.alignment
-        self.mapped = [] if alignment is None or alignment.weight == 0 else \
-            [t for t in config.teachers if alignment.teachers is None or t.label in alignment.teachers]
+        self.mapped = mapped_teachers(config)
+        # teachers whose cached points are already in the shared space, through this run's very maps
+        self.premapped = {name for name, maps in fixed_teacher_maps(config).items() if self.cache.maps(name) == maps}
         self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
         self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
         self.teacher_weights = torch.tensor([t.weight for t in self.mapped])
@@ -224,7 +257,7 @@ class WhisperDistillationTask(WhisperTask):
         alignment = self.config.alignment
         widths = {t.label: encoder_shape(t.path)[1] for t in self.mapped}  # a Whisper decoder is as wide
         student_width = self.student.config.d_model
-        dim = alignment.dim or shared_dimension([student_width, *widths.values()])
+        dim = shared_space_dimension(self.config)
 
         def teacher_maps(teachers: list, layers: int, first_seed: int) -> torch.nn.ModuleList:
             # a list in the order of teachers: names such as "whisper-tiny.en" are not module names
@@ -248,7 +281,8 @@ class WhisperDistillationTask(WhisperTask):
         share the student's vocabulary, :func:`kdforge.teachers.ensemble.ensemble_top_k`), per
         mapped teacher ``hidden/<name>`` ``(layers, N, d_m)``: its cached hidden states resampled to
         the student's frames of speech, packed (:func:`~kdforge.alignment.pack_points`; ``N`` is
-        ``encoder_frames.sum()``), and per decoder-mapped teacher ``decoder/<name>`` ``(layers, N_tok, d_m)``:
+        ``encoder_frames.sum()``; ``(layers, N, D)`` for a teacher in :attr:`premapped`, read already
+        through its maps), and per decoder-mapped teacher ``decoder/<name>`` ``(layers, N_tok, d_m)``:
         its cached decoder states at its text tokens resampled to the student's target tokens, packed
         likewise (``N_tok`` is ``target_mask.sum()``).
         """
@@ -264,8 +298,9 @@ class WhisperDistillationTask(WhisperTask):
         for teacher in self.mapped:
             # a teacher without Whisper's window heard more than the student: keep the frames of the window
             heard = math.ceil(window / 50.0 * self.teacher_rates[teacher.label])
+            signal = "mapped" if teacher.label in self.premapped else "hidden"
             batch[f"hidden/{teacher.label}"] = self._packed_points(
-                teacher.label, utterances, [f"hidden.{layer}" for layer in self.teacher_layers[teacher.label]],
+                teacher.label, utterances, [f"{signal}.{layer}" for layer in self.teacher_layers[teacher.label]],
                 batch["encoder_frames"].tolist(), heard)
         for teacher in self.decoder_mapped:
             # teacher-forced on the same text in its own tokenization: its text tokens meet the student's
@@ -313,22 +348,24 @@ class WhisperDistillationTask(WhisperTask):
         window, device = hidden_states[0].shape[1], hidden_states[0].device
         frames = torch.arange(window, device=device) < batch["encoder_frames"][:, None]
         return self._group_loss("", [hidden_states[layer] for layer in self.student_layers],
-                                [batch[f"hidden/{t.label}"] for t in self.mapped], frames, self.teacher_weights)
+                                [batch[f"hidden/{t.label}"] for t in self.mapped], frames, self.teacher_weights,
+                                [t.label in self.premapped for t in self.mapped])
 
     def _token_lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """:meth:`_lppm` over token points: the decoder states at the target positions."""
         return self._group_loss("decoder_", [hidden_states[layer] for layer in self.decoder_layers],
                                 [batch[f"decoder/{t.label}"] for t in self.decoder_mapped], batch["target_mask"],
-                                self.decoder_weights)
+                                self.decoder_weights, [False] * len(self.decoder_mapped))
 
     def _group_loss(self, group: str, student_states: list[Tensor], teacher_points: list[Tensor], valid: Tensor,
-                    weights: Tensor) -> tuple[Tensor, Tensor | None]:
+                    weights: Tensor, already_mapped: list[bool]) -> tuple[Tensor, Tensor | None]:
         """:func:`~kdforge.alignment.lppm_loss` of one group's points (``group``: ``""`` for frames,
         ``"decoder_"`` for tokens), and the InfoNCE term when the teacher maps are learned.
 
         Args:
             student_states: per mapped student layer ``(B, T, d_s)``.
-            teacher_points: per mapped teacher ``(layers, N, d_m)``, packed on the student's points.
+            teacher_points: per mapped teacher ``(layers, N, d_m)``, packed on the student's points
+                (``(layers, N, D)`` where ``already_mapped`` says they were read from the cache mapped).
             valid: ``(B, T)`` bool, the student's points (``N`` of them). Only they are mapped: point-wise
                 as one row of ``N`` points (most of a window is padding), otherwise pooled per utterance.
         """
@@ -338,8 +375,8 @@ class WhisperDistillationTask(WhisperTask):
             raise ValueError(f"the teachers' packed points ({', '.join(str(p.shape[1]) for p in teacher_points)}) "
                              f"are not the student's {count}: batch() and the loss disagree on the valid points")
         student = self.heads[f"{group}student"].map_layers(torch.stack([states[valid] for states in student_states]))
-        teachers = torch.stack([maps.map_layers(points)
-                                for maps, points in zip(self.heads[f"{group}teachers"], teacher_points)])
+        teachers = torch.stack([points if ready else maps.map_layers(points) for maps, points, ready
+                                in zip(self.heads[f"{group}teachers"], teacher_points, already_mapped)])
         if alignment.pointwise:  # (L, 1, N, D) and (M, L, 1, N, D)
             student, teachers = student.unsqueeze(-3), teachers.unsqueeze(-3)
         else:  # (L, B, 1, D) and (M, L, B, 1, D)

@@ -39,11 +39,12 @@ import torch
 from tqdm import tqdm
 from torch import Tensor
 
+from kdforge.alignment import TeacherProjection
 from kdforge.data.audio import labelled_ids, read_metadata
 from kdforge.models.loading import SAFE_LOADING, decoder_prompt_length, model_type_of
 from kdforge.tasks.asr import read_training_audio
-from kdforge.teachers.cache import (ENSEMBLE, TeacherShards, data_fingerprint, model_identity, sealed_build,
-                                    top_k_signals, write_manifest)
+from kdforge.teachers.cache import (ENSEMBLE, MAP_SETTING, TeacherShards, data_fingerprint, model_identity,
+                                    sealed_build, top_k_signals, write_manifest)
 
 
 def _text_bytes(text: str) -> Tensor:
@@ -135,21 +136,36 @@ def teacher_signals(model_dir: str | Path, layers: list[int], k: int, audio_ctx:
     return signals
 
 
+def mapped_hidden_states(signals: dict[str, Tensor], maps: TeacherProjection, layers: list[int]) -> dict[str, Tensor]:
+    """One utterance's ``hidden.<layer>`` ``(n, d_m)`` through ``maps`` (slot ``i`` for ``layers[i]``)
+    into the shared space: ``mapped.<layer>`` ``(n, D)`` float16, as the cache stores them."""
+    raw = torch.stack([signals[f"hidden.{layer}"] for layer in layers]).float()
+    return {f"mapped.{layer}": points.half() for layer, points in zip(layers, maps.map_layers(raw))}
+
+
 def cache_teacher(name: str, model_dir: str, data_dir: str, root: str, layers: list[int], k: int, batch_size: int,
                   threads: int, audio_ctx: int | None, targets: list[str], transcripts: list[str],
-                  decoder_layers: list[int]) -> tuple[list[dict], float]:
+                  decoder_layers: list[int], maps: dict | None = None) -> tuple[list[dict], float]:
     """Second pass: store one teacher's signals in ``root/<name>``; returns its shards and seconds.
 
     ``targets`` and ``transcripts`` (its own first-pass output) are per utterance, in data order.
+    ``maps`` (:func:`kdforge.tasks.asr_distill.fixed_teacher_maps`) adds the hidden states mapped
+    into the shared space (:func:`mapped_hidden_states`).
     """
+    from kdforge.tasks.asr_distill import encoder_shape
+
     torch.set_num_threads(threads)
     started = time.perf_counter()
     records, audio = read_training_audio(data_dir)
     shards = TeacherShards(Path(root), name)
     signals = teacher_signals(model_dir, layers, k, audio_ctx, decoder_layers)
+    projection = None if maps is None else \
+        TeacherProjection(encoder_shape(model_dir)[1], maps["dim"], len(maps["layers"]), maps["seed"])
     for start in batch_starts(len(records), batch_size, f"{name}: hidden states and top-k"):
         batch = slice(start, start + batch_size)
         for record, tensors, transcript in zip(records[batch], signals(audio[batch], targets[batch]), transcripts[batch]):
+            if projection is not None:
+                tensors |= mapped_hidden_states(tensors, projection, maps["layers"])
             shards.add(record.id, {**tensors, "pseudo_label": _text_bytes(transcript)})
     shards.flush()
     return shards.shards, time.perf_counter() - started
@@ -172,11 +188,14 @@ def _run_all(function, jobs: list[tuple], workers: int) -> list:
 
 def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str | Path, layers: dict[str, list[int]],
                 top_k: int = 32, batch_size: int = 8, workers: int = 1, audio_ctx: int | None = None,
-                labelled: int | None = None, decoder_layers: dict[str, list[int]] | None = None) -> dict:
+                labelled: int | None = None, decoder_layers: dict[str, list[int]] | None = None,
+                maps: dict[str, dict] | None = None) -> dict:
     """Cache every teacher's signals over ``data_dir`` into ``out``; ``workers`` teachers run at once.
 
     ``layers`` names each teacher's encoder hidden states to keep, ``decoder_layers`` (optional) the
-    decoder's of Whisper teachers.
+    decoder's of Whisper teachers. ``maps`` (optional, per teacher: ``{"dim", "seed", "layers"}``,
+    :func:`kdforge.tasks.asr_distill.fixed_teacher_maps`) stores those hidden states mapped into
+    the shared space too, and records the maps in the teacher's settings (``"map"``).
 
     ``audio_ctx`` cuts Whisper teachers' window and ``labelled`` is ``data.labelled`` (which
     utterances keep their reference as training target); both are part of the cached settings.
@@ -190,6 +209,7 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
     started = time.perf_counter()
     names = list(teachers)
     decoder_layers = {name: (decoder_layers or {}).get(name, []) for name in names}
+    maps = {name: (maps or {}).get(name) for name in names}
     with sealed_build(out) as out:
         first = _run_all(transcribe_teacher, [(n, str(teachers[n]), str(data_dir), batch_size, threads, audio_ctx)
                                               for n in names], workers)
@@ -197,16 +217,16 @@ def build_cache(teachers: dict[str, str | Path], data_dir: str | Path, out: str 
         ensemble = ensemble_transcripts(transcripts)
         targets = [r.transcription if r.id in keep else chosen for r, chosen in zip(records, ensemble)]
         second = _run_all(cache_teacher, [(n, str(teachers[n]), str(data_dir), str(out), layers[n], top_k,
-                                           batch_size, threads, audio_ctx, targets, transcripts[n], decoder_layers[n])
-                                          for n in names],
+                                           batch_size, threads, audio_ctx, targets, transcripts[n], decoder_layers[n],
+                                           maps[n]) for n in names],
                           workers)
         settings = {"top_k": top_k, "audio_ctx": audio_ctx, "labelled": labelled}
         written = {}
         for name, (shards, _) in zip(names, second):
             teacher = TeacherShards(out, name)
             teacher.shards = shards
-            written[name] = (model_identity(teachers[name]), {"layers": layers[name],
-                                                              "decoder_layers": decoder_layers[name], **settings}, teacher)
+            written[name] = (model_identity(teachers[name]), {"layers": layers[name], "decoder_layers": decoder_layers[name],
+                                                              MAP_SETTING: maps[name], **settings}, teacher)
         choice = TeacherShards(out, ENSEMBLE)
         for record, chosen, target in zip(records, ensemble, targets):
             choice.add(record.id, {"pseudo_label": _text_bytes(chosen), "target": _text_bytes(target)})
@@ -221,9 +241,11 @@ def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
     (``task: lm``: its LM counterpart, teachers one after another, ``workers`` unused).
 
     Each teacher keeps the hidden states the student's layer maps pair with its own
-    (:func:`kdforge.tasks.asr_distill.layer_plan`, :func:`~kdforge.tasks.asr_distill.decoder_layer_plan`).
+    (:func:`kdforge.tasks.asr_distill.layer_plan`, :func:`~kdforge.tasks.asr_distill.decoder_layer_plan`),
+    and, with fixed teacher maps, those states mapped into the shared space too
+    (:func:`~kdforge.tasks.asr_distill.fixed_teacher_maps`).
     """
-    from kdforge.tasks.asr_distill import decoder_layer_plan, layer_plan
+    from kdforge.tasks.asr_distill import decoder_layer_plan, fixed_teacher_maps, layer_plan
 
     if config.task == "lm":
         from kdforge.tasks.lm import build_lm_cache_from_config
@@ -232,4 +254,5 @@ def build_cache_from_config(config, out: str | Path, workers: int = 1) -> dict:
     teachers = {teacher.label: teacher.path for teacher in config.teachers}
     return build_cache(teachers, config.data.train, out, layer_plan(config)[1], top_k=config.cache.top_k,
                        batch_size=config.cache.batch_size, workers=workers, audio_ctx=config.audio.audio_ctx,
-                       labelled=config.data.labelled, decoder_layers=decoder_layer_plan(config)[1])
+                       labelled=config.data.labelled, decoder_layers=decoder_layer_plan(config)[1],
+                       maps=fixed_teacher_maps(config))

@@ -44,6 +44,9 @@ ENSEMBLE = "ensemble"
 TOP_K_FIELDS = ["topk_ids", "topk_logprobs", "tail_logprob"]
 #: Settings listing the hidden states kept (encoder, decoder): a cache keeping more serves a run mapping fewer.
 LAYER_SETTINGS = ("layers", "decoder_layers")
+#: The setting naming the fixed maps that the ``mapped.<layer>`` states went through (None: none stored).
+#: Optional: a run whose maps differ maps the raw ``hidden.<layer>`` states itself.
+MAP_SETTING = "map"
 
 
 def top_k_signals(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -258,6 +261,7 @@ class TeacherCache:
             raise KdforgeError(f"the teacher cache {root} was built on other data (fingerprint "
                                f"{manifest['data']}, the data now is {data}); rebuild it")
         self.locations: dict[str, dict[str, dict]] = {}
+        self._maps: dict[str, dict | None] = {}
         for name, (model_dir, settings) in expected.items():
             entry = manifest["teachers"].get(name)
             if entry is None:
@@ -266,7 +270,8 @@ class TeacherCache:
                 raise KdforgeError(f"the teacher cache {root} holds another model for {name!r} "
                                    f"(cached {entry['model'].get('path', '?')}, now {model_dir}); rebuild it")
             cached = entry["settings"]
-            changed = sorted(k for k in {*settings, *cached} - set(LAYER_SETTINGS) if settings.get(k) != cached.get(k))
+            changed = sorted(k for k in {*settings, *cached} - {*LAYER_SETTINGS, MAP_SETTING}
+                             if settings.get(k) != cached.get(k))
             for key in LAYER_SETTINGS:  # a cache holding more layers than a run maps serves it
                 absent = sorted(set(settings.get(key) or []) - set(cached.get(key) or []))
                 if absent:
@@ -275,6 +280,7 @@ class TeacherCache:
                 raise KdforgeError(f"the teacher cache {root} was built for {name!r} with other settings "
                                    f"({', '.join(changed)} differ); rebuild it")
             self.locations[name] = self._index(entry)
+            self._maps[name] = cached.get(MAP_SETTING)
         self._members = manifest["teachers"].get(ENSEMBLE, {}).get("model", {}).get("members", [])
         if ENSEMBLE in manifest["teachers"]:
             self.locations[ENSEMBLE] = self._index(manifest["teachers"][ENSEMBLE])
@@ -283,6 +289,10 @@ class TeacherCache:
     def members(self) -> list[str]:
         """The teachers, in order, whose transcripts the ensemble entry was chosen from."""
         return list(self._members)
+
+    def maps(self, teacher: str) -> dict | None:
+        """The fixed maps (:data:`MAP_SETTING`) the teacher's ``mapped.<layer>`` states went through, or None."""
+        return self._maps.get(teacher)
 
     @staticmethod
     def _index(entry: dict) -> dict[str, dict]:

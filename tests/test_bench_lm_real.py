@@ -47,7 +47,16 @@ def test_the_benchmark_trains_each_objective_with_and_without_ranking_over_seeds
     saved = json.loads((tmp_path / "out" / "lm-real.json").read_text())
     assert saved["heldout"] == report["heldout"]
     assert (tmp_path / "out" / "lm-real_agreement.png").stat().st_size > 0
-    assert "| kl + R |" in (tmp_path / "out" / "lm-real.md").read_text()
+    markdown = (tmp_path / "out" / "lm-real.md").read_text()
+    assert "| kl + R |" in markdown
+    gain = rows["kl", True]["mor@5"] - rows["kl", False]["mor@5"]  # the ranking term's change, in the table
+    beyond = abs(gain) > max(rows["kl", True]["mor@5_std"], rows["kl", False]["mor@5_std"])
+    lines = markdown.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| objective | cr@2"))
+    header, gains = lines[at], lines[at + 2]
+    assert gains.startswith("| kl | ")
+    cell = gains.split(" | ")[header.split(" | ").index("mor@5")]
+    assert cell == f"{gain:+.2f}{'*' if beyond else ''}"
 
 
 def test_bad_data_fails_before_any_folder_is_made(tmp_path):

@@ -335,6 +335,18 @@ def rlkd_gains(report: dict) -> list[dict]:
     return gains
 
 
+def gains_table(gains: list[dict]) -> list[str]:
+    """:func:`rlkd_gains` as markdown lines: one row per objective, ``+ R`` minus without in points,
+    ``*`` where the change is beyond the seeds' spread."""
+    metrics = list(dict.fromkeys(g["metric"] for g in gains))
+    lines = ["| objective | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for objective in dict.fromkeys(g["objective"] for g in gains):
+        cells = {g["metric"]: f"{g['delta']:+.2f}{'*' if g['beyond_spread'] else ''}" for g in gains
+                 if g["objective"] == objective}
+        lines.append(f"| {objective} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
+    return lines
+
+
 def student_start(plan: dict) -> str:
     """How a report's students started, in words."""
     steps = plan.get("student_lm_steps", 0)
@@ -356,16 +368,9 @@ def to_markdown(report: dict) -> str:
     for r in report["downstream"]:
         label = r["objective"] + (" + R" if r["rlkd"] and r["objective"] != "rank_only" else "")
         lines.append(f"| {label} | {r['accuracy']:.1f} ± {r['accuracy_std']:.1f} |")
-    gains = rlkd_gains(report)
-    metrics = list(dict.fromkeys(g["metric"] for g in gains))
     lines += ["", "## What the ranking term changed", "",
               "+ R minus without, in points (held-out agreement; downstream accuracy); * where the change is "
-              "larger than both rows' seed standard deviations.", "",
-              "| objective | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for objective in dict.fromkeys(g["objective"] for g in gains):
-        cells = {g["metric"]: f"{g['delta']:+.2f}{'*' if g['beyond_spread'] else ''}" for g in gains
-                 if g["objective"] == objective}
-        lines.append(f"| {objective} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
+              "larger than both rows' seed standard deviations.", "", *gains_table(rlkd_gains(report))]
     if "gradients" in report:
         lines += ["", "## How hard the ranking term pulls at the start", "",
                   "Gradient norms on the first corpus batch of seed 0, before any distillation step; ratio = "

@@ -15,7 +15,7 @@ def downstream_row(rlkd: bool, accuracy: float, spread: float) -> dict:
 def test_a_gain_counts_only_when_it_exceeds_both_rows_seed_spreads():
     report = {"pretrain": [pretrain_row(False, 10.0, 1.0), pretrain_row(True, 12.0, 0.5)],
               "downstream": [downstream_row(False, 20.0, 3.0), downstream_row(True, 21.0, 1.0)]}
-    gains = {g["metric"]: g for g in rlkd_gains(report)}
+    gains = {g["metric"]: g for g in rlkd_gains(report["pretrain"], report["downstream"])}
     assert set(gains) == {"cr@2", "cr@3", "cr@4", "cr@5", "mor@3", "mor@5", "mor@10", "mor@20", "accuracy"}
     assert gains["cr@2"]["delta"] == 2.0 and gains["cr@2"]["beyond_spread"]
     assert gains["accuracy"]["delta"] == 1.0 and not gains["accuracy"]["beyond_spread"]

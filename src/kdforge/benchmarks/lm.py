@@ -316,14 +316,19 @@ def plot_agreement(pretrain: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def rlkd_gains(report: dict) -> list[dict]:
+def rlkd_gains(heldout: list[dict], downstream: list[dict] = ()) -> list[dict]:
     """Per base objective: what adding the ranking term changed, ``+ R`` minus without, on held-out
     agreement (``cr@2..5``, ``mor@k``: higher is better) and downstream accuracy. A change counts as
-    ``"beyond spread"`` when it is larger than both rows' seed standard deviations (needs 2+ seeds)."""
+    ``"beyond spread"`` when it is larger than both rows' seed standard deviations (needs 2+ seeds).
+
+    Args:
+        heldout: agreement rows on held-out data, each objective without and with ``rlkd``.
+        downstream: accuracy rows (``bench lm``'s Table 2); none for ``bench lm-real``.
+    """
     gains = []
-    for objective in dict.fromkeys(r["objective"] for r in report["pretrain"]):
-        rows = {r["rlkd"]: r for r in report["pretrain"] if r["objective"] == objective and r["split"] == "heldout"}
-        tasks = {r["rlkd"]: r for r in report["downstream"] if r["objective"] == objective}
+    for objective in dict.fromkeys(r["objective"] for r in heldout):
+        rows = {r["rlkd"]: r for r in heldout if r["objective"] == objective}
+        tasks = {r["rlkd"]: r for r in downstream if r["objective"] == objective}
         pairs = [(key, rows) for key in ("cr@2", "cr@3", "cr@4", "cr@5", *(f"mor@{k}" for k in MOR_KS))]
         if len(tasks) == 2:
             pairs.append(("accuracy", tasks))
@@ -368,9 +373,11 @@ def to_markdown(report: dict) -> str:
     for r in report["downstream"]:
         label = r["objective"] + (" + R" if r["rlkd"] and r["objective"] != "rank_only" else "")
         lines.append(f"| {label} | {r['accuracy']:.1f} ± {r['accuracy_std']:.1f} |")
+    heldout = [r for r in report["pretrain"] if r["split"] == "heldout"]
     lines += ["", "## What the ranking term changed", "",
               "+ R minus without, in points (held-out agreement; downstream accuracy); * where the change is "
-              "larger than both rows' seed standard deviations.", "", *gains_table(rlkd_gains(report))]
+              "larger than both rows' seed standard deviations.", "",
+              *gains_table(rlkd_gains(heldout, report["downstream"]))]
     if "gradients" in report:
         lines += ["", "## How hard the ranking term pulls at the start", "",
                   "Gradient norms on the first corpus batch of seed 0, before any distillation step; ratio = "

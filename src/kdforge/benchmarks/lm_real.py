@@ -194,7 +194,7 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {row['objective']}{' + R' if row['rlkd'] else ''} | {cells} | {seconds} |")
     students = [row for row in report["heldout"] if row["objective"] in plan["objectives"]]
     lines += ["", "+ R minus without, held-out, in points; * where the change is larger than both rows' seed "
-              "standard deviations:", "", *gains_table(rlkd_gains({"pretrain": students, "downstream": []}))]
+              "standard deviations:", "", *gains_table(rlkd_gains(students))]
     lines += ["", f"Step (cached teacher, batch {plan['batch_size']}): KL {o['step_ms_base']:.0f} ms, KL + R "
               f"{o['step_ms_rlkd']:.0f} ms ({o['rlkd_overhead_pct']:+.1f}%).", "",
               "![agreement](lm-real_agreement.png)"]

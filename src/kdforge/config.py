@@ -155,6 +155,9 @@ class TrainingConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the student (and any online teacher) "
                                                    "trains: auto = a GPU when torch sees one (GPU LOCAL_RANK under "
                                                    "a launcher), else the CPU.")
+    fsdp: bool = Field(False, description="Shard the student's weights, gradients and optimizer state over the "
+                       "processes (FSDP2, one unit per transformer block) instead of replicating them; on by "
+                       "itself under accelerate launch --use_fsdp. One process: no effect.")
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> "TrainingConfig":

@@ -59,16 +59,21 @@ def window_positions(frames: Sequence[int], full: int) -> int:
 def encoder_window(model: WhisperForConditionalGeneration, positions: int) -> Iterator[None]:
     """Inside the block, Whisper's encoder takes ``2 * positions`` mel frames: the first
     ``positions`` rows of its position table, as if :func:`apply_audio_ctx` had cut it (which a
-    model trained with a dynamic window has learned to read). Restored on exit."""
+    model trained with a dynamic window has learned to read). Restored on exit.
+
+    The encoder reads its table through ``arange(num_embeddings)``: lowering that count reads the
+    first rows of the table itself, whose weight may be sharded (FSDP) and only gathered during the
+    forward, so no copy of it is taken here.
+    """
     encoder = model.get_encoder()
-    table, full = encoder.embed_positions, encoder.config.max_source_positions
+    table, full, rows = encoder.embed_positions, encoder.config.max_source_positions, encoder.embed_positions.num_embeddings
     if positions < full:
-        encoder.embed_positions = torch.nn.Embedding.from_pretrained(table.weight[:positions], freeze=True)
+        table.num_embeddings = positions
         encoder.config.max_source_positions = positions  # transformers checks the input length against it
     try:
         yield
     finally:
-        encoder.embed_positions, encoder.config.max_source_positions = table, full
+        table.num_embeddings, encoder.config.max_source_positions = rows, full
 
 
 def uses_dynamic_window(model: WhisperForConditionalGeneration) -> bool:

@@ -27,6 +27,7 @@ from kdforge.config import RunConfig
 from kdforge.errors import KdforgeError
 from kdforge.files import write_json_atomic
 from kdforge.training.distributed import World
+from kdforge.training.sharding import full_tensors, sharded_like
 
 CHECKPOINTS = "checkpoints"
 
@@ -60,10 +61,11 @@ def claim_run_folder(out_dir: Path, config: RunConfig, resume: bool) -> bool:
 
 
 def _resumable_settings(config: dict) -> dict:
-    """What a resumed run must share with the run it continues: everything but the device it trains on
-    and what it logs (``term_grad_norms_every``)."""
+    """What a resumed run must share with the run it continues: everything but the device it trains on,
+    whether its weights are sharded (checkpoints hold them whole either way) and what it logs
+    (``term_grad_norms_every``)."""
     return {**config, "training": {k: v for k, v in config.get("training", {}).items()
-                                   if k not in ("device", "term_grad_norms_every")}}
+                                   if k not in ("device", "fsdp", "term_grad_norms_every")}}
 
 
 def empty_run_folder(out_dir: Path) -> None:
@@ -104,23 +106,28 @@ def _flush_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+def optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors; a sharded moment gathered whole, so
+    every process must call it) and the JSON-able rest."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value
             else:
                 scalars[f"{index}.{key}"] = value
+    tensors = {name: value.detach().cpu().contiguous() for name, value in full_tensors(tensors).items()}
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's numbering
     state: dict[int, dict] = {}
     for name, value in [*tensors.items(), *rest["scalars"].items()]:
         index, key = name.split(".", 1)
+        if torch.is_tensor(value) and value.dim():  # a moment, sharded as its parameter is
+            value = sharded_like(value, parameters[int(index)])
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
@@ -156,18 +163,22 @@ def disk_error_reason(error: Exception) -> str:
     return re.sub(r" \(os error \d+\)$", "", str(error).splitlines()[0].rsplit(": ", 1)[-1])
 
 
-def _save_weights(folder: Path, trainable: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, folder / "trainable.safetensors")
+def _save_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, folder / "trainable.safetensors")
 
 
-def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int, rng: dict[str, torch.Tensor]) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``; ``rng`` is
-    :func:`rng_states`, taken on every rank (the main one writes)."""
+def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor],
+                    optimizer: tuple[dict[str, torch.Tensor], dict], scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    keep: int, rng: dict[str, torch.Tensor]) -> Path:
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``.
+
+    ``weights`` (the trainable ones, :func:`~kdforge.training.sharding.full_tensors`), ``optimizer``
+    (:func:`optimizer_payload`) and ``rng`` (:func:`rng_states`) are taken on every rank; the main one writes.
+    """
 
     def write(folder: Path) -> None:
-        _save_weights(folder, trainable)
-        optimizer_tensors, optimizer_rest = _optimizer_payload(optimizer)
+        _save_weights(folder, weights)
+        optimizer_tensors, optimizer_rest = optimizer
         save_file(optimizer_tensors, folder / "optimizer.safetensors")
         save_file(rng, folder / "rng.safetensors")
         write_json_atomic(folder / "state.json", {"step": step, "optimizer": optimizer_rest,
@@ -179,14 +190,14 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     return final
 
 
-def save_best(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], metric: str, value: float) -> Path:
-    """Keep the trainable weights of the best evaluation so far as ``checkpoints/best-step-N``.
+def save_best(out_dir: Path, step: int, weights: dict[str, torch.Tensor], metric: str, value: float) -> Path:
+    """Keep the trainable ``weights`` (full tensors) of the best evaluation so far as ``checkpoints/best-step-N``.
 
     The new folder is complete before the previous best is removed, so one always exists.
     """
 
     def write(folder: Path) -> None:
-        _save_weights(folder, trainable)
+        _save_weights(folder, weights)
         write_json_atomic(folder / "state.json", {"step": step, "metric": metric, "value": value})
 
     final = _write_checkpoint_folder(out_dir, f"best-step-{step:07d}", write)
@@ -243,7 +254,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
-            parameters[name].copy_(value)
+            parameters[name].copy_(sharded_like(value, parameters[name]))
     _restore_optimizer(optimizer, optimizer_tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng_states(rng, world, path)

@@ -23,6 +23,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from kdforge.errors import KdforgeError
 
@@ -52,8 +53,9 @@ class World:
         return tensor
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Sum every parameter's gradient over the ranks, in one message."""
-        grads = [p.grad for p in parameters if p.grad is not None]
+        """Sum every replicated parameter's gradient over the ranks, in one message (a sharded one's
+        gradient was summed into its shard during the backward)."""
+        grads = [p.grad for p in parameters if p.grad is not None and not isinstance(p, DTensor)]
         if self.size == 1 or not grads:
             return
         flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))

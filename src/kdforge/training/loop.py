@@ -24,9 +24,10 @@ from kdforge.models.loading import model_type_of
 from kdforge.student.lora import exportable
 from kdforge.training.curves import TensorBoardLog, plot_history
 from kdforge.files import write_json_atomic, write_text_atomic
-from kdforge.training import distributed
+from kdforge.training import distributed, sharding
 from kdforge.training.checkpoint import (best_value, claim_run_folder, empty_run_folder, latest_checkpoint,
-                                         load_checkpoint, rng_states, save_best, save_checkpoint)
+                                         load_checkpoint, optimizer_payload, rng_states, save_best,
+                                         save_checkpoint)
 from kdforge.training.distributed import World
 from kdforge.training.objective import term_gradient_norms
 
@@ -180,9 +181,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     heads = getattr(task, "heads", None)  # training-only modules (projection heads): trained, never exported
     model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()
+    world.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
+    sharded = world.size > 1 and sharding.requested(settings.fsdp)
+    export_shell = sharding.shard(task.student, world) if sharded else None  # replaces the student's parameters
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     student_weights = [p for p in task.student.parameters() if p.requires_grad]
-    world.broadcast_from_main(list(trainable.values()))
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
@@ -222,7 +225,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
                                                                student_weights if measure else None))
             world.sum_gradients(list(trainable.values()))
             # a finite loss can still give non-finite gradients; stepping them would poison the weights
-            norm = torch.nn.utils.clip_grad_norm_(trainable.values(), settings.max_grad_norm or float("inf"))
+            norm = sharding.clip_gradients(list(trainable.values()), settings.max_grad_norm or float("inf"))
             if not torch.isfinite(norm):
                 raise KdforgeError(f"the gradients became {norm.item()} at step {step + 1}; stopped "
                                    f"({kept_checkpoint(out_dir)})")
@@ -230,21 +233,27 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             scheduler.step()
             done = step + 1
             entry = {"step": done, "lr": scheduler.get_last_lr()[0], **step_terms}
-            if world.is_main and (done % settings.eval_every == 0 or done == settings.steps):
-                entry["eval"] = task.evaluate()  # the weights are the same on every process
+            # the weights are the same on every process: the main one evaluates, or all of them when a
+            # sharded forward needs them all (and all then come to the same result)
+            if (world.is_main or sharded) and (done % settings.eval_every == 0 or done == settings.steps):
+                with sharding.root_gathered(task.student):
+                    entry["eval"] = task.evaluate()
                 value = entry["eval"].get(metric)
                 if value is not None and (best is None or value < best):
                     best = value
-                    save_best(out_dir, done, trainable, metric, value)
+                    weights = sharding.full_tensors(trainable)
+                    if world.is_main:
+                        save_best(out_dir, done, weights, metric, value)
             history.append(entry)
             if world.is_main:  # logged before the checkpoint, so a resumed run's history misses no step
                 with history_path.open("a") as log:
                     log.write(json.dumps(entry) + "\n")
                 tensorboard.log(entry)
             if done % settings.checkpoint_every == 0 and done != settings.steps:
-                rng = rng_states(world)  # every process takes part: each one's generator is saved
+                # every process takes part: each one's generator is saved, sharded tensors are gathered
+                weights, moments, rng = sharding.full_tensors(trainable), optimizer_payload(optimizer), rng_states(world)
                 if world.is_main:
-                    save_checkpoint(out_dir, done, trainable, optimizer, scheduler, settings.keep_checkpoints, rng)
+                    save_checkpoint(out_dir, done, weights, moments, scheduler, settings.keep_checkpoints, rng)
             # the other processes need not wait for the main one's evaluation or checkpoint here:
             # the next step's first sum does
             progress.update(bar, advance=1, status=f"loss {step_terms['loss']:.4f}")
@@ -253,13 +262,14 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     result = {"steps": settings.steps, "train_seconds": time.perf_counter() - started,
               "final_loss": history[-1]["loss"] if history else None,
               "eval": evaluations[-1] if evaluations else {}, "parameters": parameter_counts(task, trainable),
-              "processes": world.size}
+              "processes": world.size, "fsdp": sharded}
     if hasattr(task, "teachers_used"):
         result["teachers_used"] = task.teachers_used()
+    student = sharding.gathered_student(task.student, export_shell, world) if sharded else task.student
     if world.is_main:
         tensorboard.close()
         lora = config.student.lora
-        task.export(out_dir / "student", exportable(task.student, merge=lora is None or lora.merge_on_export))
+        task.export(out_dir / "student", exportable(student, merge=lora is None or lora.merge_on_export))
         plot_history(history, out_dir / "curves.png")
         write_json_atomic(out_dir / "result.json", result)
     world.barrier()

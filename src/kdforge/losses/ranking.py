@@ -78,16 +78,15 @@ def _isotonic_min_max(values: Tensor, lengths: Tensor) -> Tensor:
     big = torch.finfo(values.dtype).max
     prefix = torch.nn.functional.pad(values.cumsum(-1), (1, 0))
     index = torch.arange(m, device=values.device)
-    start, end = index.view(m, 1), index.view(1, m)
+    end, start = index.view(m, 1), index.view(1, m)
     span = (end - start + 1).clamp(min=1).to(values.dtype)
-    block_mean = (prefix[:, None, 1:] - prefix[:, :-1, None]) / span  # [row, j, k] = mean(y_j..y_k)
-    usable = (end >= start) & (end < lengths.view(n, 1, 1))
-    # [row, i, j] = max_{k >= i} mean(y_j..y_k), a running maximum from the right, laid out so that
-    # each of its m steps reads whole contiguous (n, m) slices: 3x faster than cummax on CPU.
-    best_end = block_mean.masked_fill(~usable, -big).transpose(1, 2).contiguous()
-    for i in range(m - 2, -1, -1):
+    # [row, k, j] = mean(y_j..y_k), laid out so that the running maximum over the ends k below reads
+    # and writes whole contiguous (n, m) slices (3x faster than cummax on CPU) with no transposed copy
+    best_end = (prefix[:, 1:, None] - prefix[:, None, :-1]).div_(span)
+    best_end.masked_fill_(end < start, -big).masked_fill_((end.T >= lengths.view(n, 1)).unsqueeze(-1), -big)
+    for i in range(m - 2, -1, -1):  # [row, i, j] = max_{k >= i} mean(y_j..y_k)
         torch.maximum(best_end[:, i], best_end[:, i + 1], out=best_end[:, i])
-    return best_end.masked_fill(start.T > end.T, big).amin(dim=-1)  # only starts j <= i
+    return best_end.masked_fill_(start > end, big).amin(dim=-1)  # only starts j <= i
 
 
 class _IsotonicDecreasing(torch.autograd.Function):

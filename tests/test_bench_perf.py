@@ -26,6 +26,9 @@ def test_quick_run_reports_every_metric_from_its_measurements(tmp_path, monkeypa
     assert all(value > 0 for value in seconds.values())
     assert report["cached_step_over_student_step"] == seconds["cached"] / seconds["student"]
     assert report["online_over_cached_speedup"] == seconds["online"] / seconds["cached"]
+    products = report["steps"]["mapping_products_seconds"]
+    assert 0 < products < seconds["cached"]  # a part of the mapping, so of the step
+    assert report["cached_step_floor_over_student_step"] == (seconds["cached_without_lppm"] + products) / seconds["student"]
     assert set(seconds) == {"student", "cached", "online", "cached_without_lppm", "cached_without_logit_terms"}
     cache = report["cache"]
     assert report["parallel_cache_speedup"] == cache["workers_1"]["seconds"] / cache["workers_2"]["seconds"]

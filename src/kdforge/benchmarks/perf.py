@@ -5,7 +5,10 @@
   from the teacher cache) over a plain student step (cross-entropy on the references) on the same batch.
   A step is building the batch, forward, backward and AdamW (:mod:`kdforge.benchmarks.steps`).
   The same step without the projection mapping, and without KD and RLKD, is timed beside it: what
-  each group of terms costs.
+  each group of terms costs. ``mapping_products_seconds`` times the student's projections alone on
+  the batch's points, forward and backward: the products the mapping cannot do without, so
+  ``cached_step_floor_over_student_step`` (the step without the mapping, plus those products, over
+  the student step) is the ratio a mapping with no other cost would reach.
 * ``online_over_cached_speedup``: the same distillation step with the teachers run on the batch
   (:func:`kdforge.teachers.build.teacher_signals`, the cache builder's own code) over the cached step.
   The teachers' greedy transcripts, which pick the training targets, still come from the cache: an
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,14 +179,33 @@ class BatchSignals:
 
 
 def step_seconds(tasks: dict, work: Path, repeats: int) -> dict:
-    """Median seconds of a step of each task (by name) on the same first batch, the tasks taking turns."""
+    """Median seconds of a step of each task (by name) on the same first batch, the tasks taking turns,
+    and of the cached task's student projections alone (:func:`mapping_products_seconds`)."""
     from kdforge.benchmarks.steps import StepTimer, median_step_seconds
 
     for task in tasks.values():
         task.step = task.config.training.steps  # past every loss warm-up: each term is computed
     indices = list(range(tasks["cached"].config.training.batch_size))
     timers = {name: StepTimer(task, indices, work) for name, task in tasks.items()}
-    return {"seconds": median_step_seconds(timers, repeats), "batch_size": len(indices), "repeats": repeats}
+    return {"seconds": median_step_seconds(timers, repeats), "batch_size": len(indices), "repeats": repeats,
+            "mapping_products_seconds": mapping_products_seconds(tasks["cached"], indices, repeats)}
+
+
+def mapping_products_seconds(task: WhisperDistillationTask, indices: list[int], repeats: int) -> float:
+    """Median seconds of the student's projections forward and backward on as many points as the batch
+    ``indices`` maps (random values; gradients for the weights and the points, as training takes them)."""
+    projections = task.heads["student"]
+    width = next(m for m in projections.modules() if isinstance(m, torch.nn.Linear)).in_features
+    count = int(task.batch(indices)["encoder_frames"].sum())
+    points = torch.randn(len(task.student_layers), count, width, requires_grad=True)
+    seconds = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        projections.zero_grad(set_to_none=True)
+        points.grad = None
+        projections.map_layers(points).sum().backward()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds[1:])
 
 
 def kl_peak_memory(positions: int) -> dict:
@@ -298,6 +322,8 @@ def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench 
     report = {
         "command": command, "machine": describe_machine(), "quick": quick, "plan": asdict(plan),
         "cached_step_over_student_step": seconds["cached"] / seconds["student"],
+        "cached_step_floor_over_student_step":
+            (seconds["cached_without_lppm"] + steps["mapping_products_seconds"]) / seconds["student"],
         "online_over_cached_speedup": seconds["online"] / seconds["cached"],
         "parallel_cache_speedup": cache["speedup"],
         "ddp_2proc_throughput_ratio": ddp["ratio"],
@@ -337,6 +363,9 @@ def to_markdown(report: dict) -> str:
         f"| (cached step without KD and RLKD over student step) | "
         f"{_ratio(seconds['cached_without_logit_terms'] / seconds['student'])} | "
         f"{seconds['cached_without_logit_terms']:.3f} s: what the logit terms cost |",
+        f"| (floor: cached step without LPPM, plus the student projections alone, over student step) | "
+        f"{_ratio(report['cached_step_floor_over_student_step'])} | {steps['mapping_products_seconds']:.3f} s: "
+        "the mapping's unavoidable products, forward and backward |",
         f"| parallel_cache_speedup | {_ratio(report['parallel_cache_speedup'])} | "
         f"{cache['workers_1']['seconds']:.1f} s (1 worker) / {cache['workers_2']['seconds']:.1f} s (2 workers); "
         f"the cache holds {cache['megabytes']:.0f} MB |",

@@ -131,6 +131,13 @@ def test_a_gpu_asked_for_where_torch_sees_none_is_refused(earlier, kdforge_fails
     assert not (tmp_path / "run").exists()
 
 
+def test_a_launch_under_deepspeed_is_refused(earlier, kdforge_fails, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch --use_deepspeed sets
+    message = kdforge_fails(train_args(earlier.config, tmp_path / "run"))
+    assert message == ("kdforge does not run under DeepSpeed (its engine owns the step and pickles its "
+                       "checkpoints); shard the student with accelerate launch --use_fsdp instead")
+    assert not (tmp_path / "run").exists()
+
 def test_debug_shows_the_traceback(earlier):
     with pytest.raises(KdforgeError, match="already holds a finished run"):
         main(["--debug", *train_args(earlier.config, earlier.folder)])

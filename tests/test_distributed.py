@@ -96,17 +96,6 @@ def test_fsdp_shards_the_student_writes_whole_checkpoints_and_resumes_exactly(tm
                for name, value in load_file(resumed / "student" / "model.safetensors").items())
 
 
-def test_deepspeed_is_refused_in_one_line(tmp_path):
-    from kdforge.errors import KdforgeError
-    from kdforge.training import sharding
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-        with pytest.raises(KdforgeError, match="does not run under DeepSpeed.*accelerate launch --use_fsdp"):
-            sharding.requested(False)
-    assert not sharding.requested(False)  # neither the config nor the launcher asks for sharding
-
-
 def test_gradients_of_sharded_and_replicated_parameters_are_clipped_by_one_norm(tmp_path):
     """clip_gradients over FSDP's sharded parameters and plain ones scales all by one total norm,
     exactly as clip_grad_norm_ does for the same parameters unsharded."""

@@ -165,6 +165,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     out_dir = Path(out_dir)
     settings = config.training
     world = distributed.join(settings.device)
+    sharded = sharding.requested(settings.fsdp) and world.size > 1  # before the folder is claimed: a refusal leaves none
     if settings.batch_size % (world.size * settings.grad_accum):
         raise KdforgeError(f"training.batch_size {settings.batch_size} does not split into {world.size} processes x "
                            f"{settings.grad_accum} micro-batches (training.grad_accum)")
@@ -182,7 +183,6 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     model = task.student if heads is None else torch.nn.ModuleDict({"student": task.student, "heads": heads})
     model.train()
     world.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
-    sharded = world.size > 1 and sharding.requested(settings.fsdp)
     export_shell = sharding.shard(task.student, world) if sharded else None  # replaces the student's parameters
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     student_weights = [p for p in task.student.parameters() if p.requires_grad]

@@ -51,6 +51,17 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, mon
     assert not (tmp_path / "run").exists()
 
 
+def test_per_term_gradient_norms_are_refused_with_a_sharded_student(tmp_path, monkeypatch):
+    from kdforge.errors import KdforgeError
+    from kdforge.training import distributed
+
+    monkeypatch.setattr(distributed, "join", lambda device: distributed.World(rank=0, size=2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(KdforgeError, match="term_grad_norms_every cannot be used with FSDP"):
+        train(load_config(TINY_LM, [*SHORT, "training.term_grad_norms_every=2"]), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 SHARDED = ["training.steps=4", "training.checkpoint_every=2", "training.eval_every=2", "training.device=cpu"]
 
 

@@ -166,6 +166,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     settings = config.training
     world = distributed.join(settings.device)
     sharded = sharding.requested(settings.fsdp) and world.size > 1  # before the folder is claimed: a refusal leaves none
+    if sharded and settings.term_grad_norms_every:  # autograd reaches the gathered weights, not the shards
+        raise KdforgeError("training.term_grad_norms_every cannot be used with FSDP (a term's own gradient "
+                           "needs the whole weights); set it to 0")
     if settings.batch_size % (world.size * settings.grad_accum):
         raise KdforgeError(f"training.batch_size {settings.batch_size} does not split into {world.size} processes x "
                            f"{settings.grad_accum} micro-batches (training.grad_accum)")

@@ -98,9 +98,15 @@ def root_gathered(model: torch.nn.Module) -> Iterator[None]:
         model.reshard()
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole (a norm of one completed over the processes; every process must
+    call it), any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with every sharded one gathered whole; every process must call it, in the same order."""
-    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+    """``tensors`` with every sharded one gathered :func:`whole`; every process must call it, in the same order."""
+    return {name: whole(t) for name, t in tensors.items()}
 
 
 def sharded_like(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
@@ -132,8 +138,7 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
     kinds = [[p for p in with_grad if isinstance(p, DTensor)], [p for p in with_grad if not isinstance(p, DTensor)]]
     norms = []
     for kind in filter(None, kinds):
-        norm = torch.nn.utils.get_total_norm([p.grad for p in kind])
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        norms.append(whole(torch.nn.utils.get_total_norm([p.grad for p in kind])))
     if not norms:
         return torch.tensor(0.0)
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -194,18 +193,21 @@ def step_seconds(tasks: dict, work: Path, repeats: int) -> dict:
 def mapping_products_seconds(task: WhisperDistillationTask, indices: list[int], repeats: int) -> float:
     """Median seconds of the student's projections forward and backward on as many points as the batch
     ``indices`` maps (random values; gradients for the weights and the points, as training takes them)."""
+    from kdforge.benchmarks.steps import median_step_seconds
+
     projections = task.heads["student"]
     width = next(m for m in projections.modules() if isinstance(m, torch.nn.Linear)).in_features
     count = int(task.batch(indices)["encoder_frames"].sum())
     points = torch.randn(len(task.student_layers), count, width, requires_grad=True)
-    seconds = []
-    for _ in range(repeats + 1):
+
+    def products() -> float:
         started = time.perf_counter()
         projections.zero_grad(set_to_none=True)
         points.grad = None
         projections.map_layers(points).sum().backward()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds[1:])
+        return time.perf_counter() - started
+
+    return median_step_seconds({"products": products}, repeats)["products"]
 
 
 def kl_peak_memory(positions: int) -> dict:

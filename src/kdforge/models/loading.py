@@ -66,7 +66,8 @@ def encoder_window(model: WhisperForConditionalGeneration, positions: int) -> It
     forward, so no copy of it is taken here.
     """
     encoder = model.get_encoder()
-    table, full, rows = encoder.embed_positions, encoder.config.max_source_positions, encoder.embed_positions.num_embeddings
+    table, full = encoder.embed_positions, encoder.config.max_source_positions
+    rows = table.num_embeddings
     if positions < full:
         table.num_embeddings = positions
         encoder.config.max_source_positions = positions  # transformers checks the input length against it

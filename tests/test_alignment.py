@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
                                resample_points, semi_orthogonal, shared_dimension, spherical_centroid,
@@ -299,3 +300,13 @@ def test_lppm_rejects_mismatched_shapes():
         lppm_loss(student, teacher[:, :, :, :3], mask, torch.ones(3))
     with pytest.raises(ValueError, match="teacher weights"):
         lppm_loss(student, teacher, mask, torch.ones(2))
+
+
+def test_linear_resampling_is_torchs_interpolation_without_aligned_corners():
+    sequences = [gaussian(n, 3, seed=n) for n in (7, 1, 12, 5, 9)]
+    counts = [3, 4, 12, 11, 0]  # down, up from one frame, unchanged, up, nothing
+    packed = pack_points(sequences, counts)
+    for part, points, count in zip(packed.split(counts), sequences, counts):
+        if count:
+            reference = F.interpolate(points.T.unsqueeze(0), size=count, mode="linear", align_corners=False)
+            torch.testing.assert_close(part, reference.squeeze(0).T)

@@ -132,10 +132,10 @@ def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tens
                   distance) -> Tensor:
     """:func:`lppm_loss` for a point loss of the angle alone, every teacher at once.
 
-    The student is normalised once for all teachers; the teachers' cosines are one contraction over
-    ``D`` divided by their norms, with no normalised copy of the teachers' points nor a
-    ``(M, L, B, T, D)`` product; and since every teacher shares the mask, the weighted average of
-    per-teacher means is the mean of the per-point weighted sums.
+    The cosines are one contraction over ``D`` divided by both points' norms, with no normalised
+    copy of either side's points (normalising the student costs more, forward and backward, than the
+    contraction) nor a ``(M, L, B, T, D)`` product; and since every teacher shares the mask, the
+    weighted average of per-teacher means is the mean of the per-point weighted sums.
 
     Args:
         student: ``(L, B, T, D)``.
@@ -148,10 +148,10 @@ def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tens
     Returns:
         A scalar.
     """
-    unit_student = F.normalize(student, dim=-1)
+    student_norms = torch.linalg.vector_norm(student, dim=-1).clamp(min=NORM_EPS)  # as F.normalize divides
     if target == "centroid":
-        return masked_mean(distance((unit_student * spherical_centroid(teachers, weights)).sum(-1)), mask)
-    norms = torch.linalg.vector_norm(teachers, dim=-1).clamp(min=NORM_EPS)  # as F.normalize divides
-    cosines = torch.einsum("lbtd,mlbtd->mlbt", unit_student, teachers) / norms
+        return masked_mean(distance((student * spherical_centroid(teachers, weights)).sum(-1) / student_norms), mask)
+    teacher_norms = torch.linalg.vector_norm(teachers, dim=-1).clamp(min=NORM_EPS)
+    cosines = torch.einsum("lbtd,mlbtd->mlbt", student, teachers) / (teacher_norms * student_norms)
     per_point = (weights.reshape(-1, 1, 1, 1) * distance(cosines)).sum(0)
     return masked_mean(per_point, mask)

@@ -18,10 +18,11 @@ from torch.nn import functional as F
 def resample_points(points: Tensor, count: int, mode: Literal["linear", "pool"] = "linear") -> Tensor:
     """One utterance's valid frames resampled to ``count`` frames, frame centres at equal relative time.
 
-    ``"linear"`` interpolates between the two nearest input centres (``align_corners=False``, so
-    centres map to centres; output centres before the first or after the last input centre take
-    that edge frame's value). ``"pool"`` averages the input frames each output frame covers
-    (``adaptive_avg_pool1d``). Frames whose count already agrees are returned as they are.
+    ``"linear"`` interpolates between the two nearest input centres (:func:`linear_sources`: centres
+    map to centres, as ``F.interpolate(..., align_corners=False)``; output centres before the first
+    or after the last input centre take that edge frame's value). ``"pool"`` averages the input
+    frames each output frame covers (``adaptive_avg_pool1d``). Frames whose count already agrees are
+    returned as they are.
 
     Args:
         points: ``(n, d)``, the utterance's valid frames only (``n >= 1``, or 0 with ``count`` 0).
@@ -31,19 +32,38 @@ def resample_points(points: Tensor, count: int, mode: Literal["linear", "pool"] 
     Returns:
         ``(count, d)``, at least float32 when resampled.
     """
-    if mode not in ("linear", "pool"):
-        raise ValueError(f"resampling mode must be linear or pool, got {mode!r}")
-    if count < 0 or (points.shape[0] == 0 < count):
-        raise ValueError(f"cannot resample {points.shape[0]} frames to {count}")
+    _check_mode(mode)
     if points.shape[0] == count:
+        _check_counts([points.shape[0]], [count])
         return points
-    # interpolate and pool run over the last axis, with a batch axis in front.
-    along_time = points.to(torch.promote_types(points.dtype, torch.float32)).transpose(0, 1).unsqueeze(0)
-    if mode == "linear":
-        resampled = F.interpolate(along_time, size=count, mode="linear", align_corners=False)
-    else:
-        resampled = F.adaptive_avg_pool1d(along_time, count)
-    return resampled.squeeze(0).transpose(0, 1)
+    return pack_points([points], [count], mode)
+
+
+def linear_sources(lengths: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each output frame of a packed batch reads its linear interpolation.
+
+    Output frame ``i`` of ``count`` in a sequence of ``n`` frames sits at input position
+    ``x = max((i + 1/2) * n / count - 1/2, 0)``; it is ``(1 - w) * frame[floor(x)] + w * frame[floor(x) + 1]``
+    with ``w = x - floor(x)``, the second frame held at the last one past the end.
+
+    Args:
+        lengths: ``(P,)`` int64, input frames of each sequence, packed one after another.
+        counts: ``(P,)`` int64, output frames of each.
+
+    Returns:
+        ``(first, second, weight)``, each ``(counts.sum(),)``: indices into the packed input frames
+        (int64) and the weight of ``second`` (float64).
+    """
+    sequence = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    output_start = torch.cumsum(counts, 0) - counts
+    index = torch.arange(int(counts.sum()), dtype=torch.float64) - output_start[sequence]
+    length = lengths[sequence]
+    position = ((index + 0.5) * (length.double() / counts[sequence]) - 0.5).clamp(min=0)
+    floor = position.floor()
+    first = floor.long()
+    second = torch.minimum(first + 1, length - 1)
+    input_start = (torch.cumsum(lengths, 0) - lengths)[sequence]
+    return input_start + first, input_start + second, position - floor
 
 
 def pack_points(sequences: list[Tensor], counts: list[int], mode: Literal["linear", "pool"] = "linear") -> Tensor:
@@ -51,7 +71,12 @@ def pack_points(sequences: list[Tensor], counts: list[int], mode: Literal["linea
 
     The order is that in which ``states[mask]`` lists the student's points for a ``(B, T)`` mask with
     ``counts[b]`` True entries in row ``b``, so the two pair up point by point, and no padding is
-    ever made, read or masked.
+    ever made, read or masked. A sequence may appear several times (one per layer, say): the
+    result is then those sequences' points one after another.
+
+    Linear resampling is two row gathers and one interpolation for the whole batch
+    (:func:`linear_sources`): ``F.interpolate`` per sequence cost ~0.3 ms a call, most of a
+    distillation step's batch time with a 33 Hz teacher's 4 layers x 8 utterances.
 
     Args:
         sequences: per utterance ``(n_b, d)``, its valid frames only (any float dtype).
@@ -61,14 +86,35 @@ def pack_points(sequences: list[Tensor], counts: list[int], mode: Literal["linea
     Returns:
         ``(sum(counts), d)`` float32.
     """
-    if len(sequences) != len(counts):
-        raise ValueError(f"{len(sequences)} sequences for {len(counts)} counts")
-    packed = torch.empty(sum(counts), sequences[0].shape[-1], dtype=torch.float32, device=sequences[0].device)
-    start = 0
-    for points, count in zip(sequences, counts):
-        packed[start : start + count] = resample_points(points, count, mode)  # one copy, cast on the way
-        start += count
-    return packed
+    _check_mode(mode)
+    lengths = [points.shape[0] for points in sequences]
+    _check_counts(lengths, counts)
+    dtype = torch.promote_types(sequences[0].dtype, torch.float32)
+    frames = torch.cat(sequences)
+    if lengths == counts:
+        return frames.to(dtype)
+    if mode == "pool":
+        along_time = [points.to(dtype).transpose(0, 1).unsqueeze(0) for points in sequences]
+        return torch.cat([F.adaptive_avg_pool1d(points, count).squeeze(0).transpose(0, 1)
+                          for points, count in zip(along_time, counts)])
+    first, second, weight = linear_sources(torch.tensor(lengths), torch.tensor(counts))
+    # one gather of both neighbours, one cast and an in-place blend: fewer large temporaries
+    neighbours = frames.index_select(0, torch.cat([first, second]).to(frames.device)).to(dtype)
+    lower, upper = neighbours[: len(first)], neighbours[len(first) :]
+    return lower.addcmul_(upper.sub_(lower), weight.to(frames.device, dtype).unsqueeze(-1))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("linear", "pool"):
+        raise ValueError(f"resampling mode must be linear or pool, got {mode!r}")
+
+
+def _check_counts(lengths: list[int], counts: list[int]) -> None:
+    if len(lengths) != len(counts):
+        raise ValueError(f"{len(lengths)} sequences for {len(counts)} counts")
+    for length, count in zip(lengths, counts):
+        if count < 0 or (length == 0 < count):
+            raise ValueError(f"cannot resample {length} frames to {count}")
 
 
 def pool_points(points: Tensor, counts: list[int]) -> Tensor:

@@ -244,8 +244,12 @@ def test_student_top_and_tail_logprobs_match_autograd_even_for_tiny_tails(monkey
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert got[0, -1].item() < -40  # log of a tail below 1e-16, exact
     upstream = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    (got_grad,), (want_grad,) = (torch.autograd.grad(x, logits, upstream) for x in (got, want))
+    (got_grad,) = torch.autograd.grad(got, logits, upstream, retain_graph=True)
+    (want_grad,) = torch.autograd.grad(want, logits, upstream)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+    # the first backward consumed the forward's exponentials as its gradient: a second recomputes them
+    (again,) = torch.autograd.grad(got, logits, upstream)
+    torch.testing.assert_close(again, want_grad, rtol=1e-9, atol=1e-12)
 
 
 def test_an_empty_student_tail_is_floored_and_passes_no_gradient():

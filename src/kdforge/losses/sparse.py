@@ -96,48 +96,54 @@ def teacher_rows(teacher: Teacher, selector: Tensor | slice) -> Teacher:
 
 
 class _TopKAndTailLogprobs(torch.autograd.Function):
-    """:func:`topk_and_tail_logprobs` in seven passes over the logits instead of about twenty.
+    """:func:`topk_and_tail_logprobs` in five passes over the logits instead of about twenty.
 
     Autograd through a log-softmax, a scatter and a log-sum-exp over the whole vocabulary writes
     and reads several full-size temporaries each way. Here the forward reads the logits for their
     maximum, writes ``e = exp(x - max)`` once and sums it with the ids zeroed (the tail's mass
-    without cancellation); the backward is closed-form. With ``Z = sum e``, ``O`` the sum outside
-    the ids, ``g`` the incoming ``(n, k + 1)`` gradient and ``G`` its row sum:
-    ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids and ``g_i - e_j G / Z`` at the i-th id.
+    without cancellation); the backward turns that same buffer into the gradient in place, closed
+    form. With ``Z = sum e``, ``O`` the sum outside the ids, ``g`` the incoming ``(n, k + 1)``
+    gradient and ``G`` its row sum: ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids and
+    ``g_i - e_j G / Z`` at the i-th id.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, indices: Tensor) -> Tensor:
-        maxes, outside, inside = (torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-                                  for _ in range(3))
-        # Row blocks with 4 MiB temporaries: a logits-sized one would be fresh memory,
-        # whose page faults cost more than the arithmetic.
+        maxes, outside = (torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device) for _ in range(2))
+        at_ids = torch.empty(indices.shape, dtype=logits.dtype, device=logits.device)
+        exponentials = torch.empty_like(logits)
+        # Row blocks of 4 MiB, each read and rewritten while it is still in cache.
         block = max(1, ROW_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
         for start in range(0, logits.shape[0], block):
-            rows, ids = logits[start:start + block], indices[start:start + block]
+            part = slice(start, start + block)
+            rows, ids = logits[part], indices[part]
             row_max = rows.amax(-1, keepdim=True)
-            shifted = (rows - row_max).exp_()
-            inside[start:start + block] = shifted.gather(-1, ids).sum(-1)
-            outside[start:start + block] = shifted.scatter_(-1, ids, 0.0).sum(-1)
-            maxes[start:start + block] = row_max.squeeze(-1)
-        total = outside + inside
+            shifted = torch.sub(rows, row_max, out=exponentials[part]).exp_()
+            at_ids[part] = shifted.gather(-1, ids)
+            outside[part] = shifted.scatter_(-1, ids, 0.0).sum(-1)
+            maxes[part] = row_max.squeeze(-1)
+        total = outside + at_ids.sum(-1)
         top = logits.gather(-1, indices) - (maxes + total.log()).unsqueeze(-1)
         tail = outside.log() - total.log()
-        ctx.save_for_backward(logits, indices, maxes, total, outside, tail > LOG_FLOOR)
+        ctx.save_for_backward(logits, indices, maxes, at_ids, total, outside, tail > LOG_FLOOR)
+        # Held as a plain attribute: the first backward consumes the buffer as its gradient.
+        ctx.exponentials = exponentials
         tail = tail.clamp(min=LOG_FLOOR)  # an empty tail (k = V), constant to the gradient
         return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        logits, indices, maxes, total, outside, tail_kept = ctx.saved_tensors
+        logits, indices, maxes, at_ids_exp, total, outside, tail_kept = ctx.saved_tensors
+        exponentials, ctx.exponentials = ctx.exponentials, None
+        if exponentials is None:  # a second backward (retain_graph): recompute what the first consumed
+            exponentials = (logits - maxes.unsqueeze(-1)).exp_()
         grad_top = grad[:, :-1]
         grad_tail = torch.where(tail_kept, grad[:, -1], torch.zeros_like(outside))
         per_mass = (grad_top.sum(-1) + grad_tail) / total
         tail_share = grad_tail / outside.clamp(min=torch.finfo(outside.dtype).tiny)
-        shifted = (logits - maxes.unsqueeze(-1)).exp_()
-        at_ids = grad_top - shifted.gather(-1, indices) * per_mass.unsqueeze(-1)
-        return shifted.mul_((tail_share - per_mass).unsqueeze(-1)).scatter_(-1, indices, at_ids), None
+        at_ids = grad_top - at_ids_exp * per_mass.unsqueeze(-1)
+        return exponentials.mul_((tail_share - per_mass).unsqueeze(-1)).scatter_(-1, indices, at_ids), None
 
 
 def topk_and_tail_logprobs(logits: Tensor, indices: Tensor) -> Tensor:

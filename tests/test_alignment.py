@@ -241,14 +241,18 @@ def test_lppm_ignores_masked_out_points(target):
                                                  ("mse", mse_loss)])
 def test_lppm_sum_is_the_weighted_average_of_per_teacher_losses(point_loss, function):
     student, teacher, mask = lppm_inputs()
+    student.requires_grad_()
     per_teacher = []
     for m in range(3):
         # Mean over layers of each layer's mean over valid points (every layer has the same count).
-        per_layer = [function(unit(student[layer]), unit(teacher[m, layer]), mask).item() for layer in range(2)]
+        per_layer = [function(unit(student[layer]), unit(teacher[m, layer]), mask) for layer in range(2)]
         per_teacher.append(sum(per_layer) / 2)
     expected = (1 * per_teacher[0] + 2 * per_teacher[1] + 5 * per_teacher[2]) / 8
     value = lppm_loss(student, teacher, mask, torch.tensor([1.0, 2.0, 5.0]), "sum", point_loss)
-    assert value.item() == pytest.approx(expected, rel=1e-5)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the angular losses' one-pass cosines have the gradient of normalising first
+    (got,), (want,) = (torch.autograd.grad(loss, student) for loss in (value, expected))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_lppm_centroid_targets_the_normalised_weighted_mean():
@@ -303,10 +307,19 @@ def test_lppm_rejects_mismatched_shapes():
 
 
 def test_linear_resampling_is_torchs_interpolation_without_aligned_corners():
-    sequences = [gaussian(n, 3, seed=n) for n in (7, 1, 12, 5, 9)]
-    counts = [3, 4, 12, 11, 0]  # down, up from one frame, unchanged, up, nothing
+    sequences = [gaussian(n, 3, seed=n) for n in (7, 1, 0, 12, 5, 9)]
+    counts = [3, 4, 0, 12, 11, 0]  # down, up from one frame, empty, unchanged, up, nothing
     packed = pack_points(sequences, counts)
+    assert torch.equal(packed.split(counts)[3], sequences[3])  # copied exactly
     for part, points, count in zip(packed.split(counts), sequences, counts):
         if count:
             reference = F.interpolate(points.T.unsqueeze(0), size=count, mode="linear", align_corners=False)
             torch.testing.assert_close(part, reference.squeeze(0).T)
+
+
+def test_pool_resampling_keeps_empty_and_unchanged_sequences():
+    sequences = [torch.zeros(0, 2), gaussian(4, 2, seed=1), gaussian(6, 2, seed=2)]
+    packed = pack_points(sequences, [0, 4, 3], "pool")
+    assert packed.shape == (7, 2)
+    assert torch.equal(packed[:4], sequences[1])
+    torch.testing.assert_close(packed[4:], sequences[2].reshape(3, 2, 2).mean(1))

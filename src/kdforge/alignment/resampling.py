@@ -30,13 +30,10 @@ def resample_points(points: Tensor, count: int, mode: Literal["linear", "pool"] 
         mode: ``"linear"`` or ``"pool"``.
 
     Returns:
-        ``(count, d)``, at least float32 when resampled.
+        ``(count, d)``, float32 when resampled.
     """
     _check_mode(mode)
-    if points.shape[0] == count:
-        _check_counts([points.shape[0]], [count])
-        return points
-    return pack_points([points], [count], mode)
+    return points if points.shape[0] == count else pack_points([points], [count], mode)
 
 
 def linear_sources(lengths: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,12 +44,12 @@ def linear_sources(lengths: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Ten
     with ``w = x - floor(x)``, the second frame held at the last one past the end.
 
     Args:
-        lengths: ``(P,)`` int64, input frames of each sequence, packed one after another.
-        counts: ``(P,)`` int64, output frames of each.
+        lengths: ``(P,)`` int64 on the CPU, input frames of each sequence, packed one after another.
+        counts: ``(P,)`` int64 on the CPU, output frames of each.
 
     Returns:
-        ``(first, second, weight)``, each ``(counts.sum(),)``: indices into the packed input frames
-        (int64) and the weight of ``second`` (float64).
+        ``(first, second, weight)``, each ``(counts.sum(),)`` on the CPU: indices into the packed
+        input frames (int64) and the weight of ``second`` (float64).
     """
     sequence = torch.repeat_interleave(torch.arange(len(counts)), counts)
     output_start = torch.cumsum(counts, 0) - counts
@@ -89,27 +86,28 @@ def pack_points(sequences: list[Tensor], counts: list[int], mode: Literal["linea
     _check_mode(mode)
     lengths = [points.shape[0] for points in sequences]
     _check_counts(lengths, counts)
-    dtype = torch.promote_types(sequences[0].dtype, torch.float32)
-    frames = torch.cat(sequences)
     if lengths == counts:
-        return frames.to(dtype)
+        return torch.cat(sequences).float()
     if mode == "pool":
-        along_time = [points.to(dtype).transpose(0, 1).unsqueeze(0) for points in sequences]
-        return torch.cat([F.adaptive_avg_pool1d(points, count).squeeze(0).transpose(0, 1)
-                          for points, count in zip(along_time, counts)])
+        return torch.cat([points.float() if len(points) == count else
+                          F.adaptive_avg_pool1d(points.float().T.unsqueeze(0), count).squeeze(0).T
+                          for points, count in zip(sequences, counts)])
+    frames = torch.cat(sequences)
     first, second, weight = linear_sources(torch.tensor(lengths), torch.tensor(counts))
-    # one gather of both neighbours, one cast and an in-place blend: fewer large temporaries
-    neighbours = frames.index_select(0, torch.cat([first, second]).to(frames.device)).to(dtype)
+    # one gather of both neighbours and one cast: fewer large temporaries than two of each
+    neighbours = frames.index_select(0, torch.cat([first, second]).to(frames.device)).float()
     lower, upper = neighbours[: len(first)], neighbours[len(first) :]
-    return lower.addcmul_(upper.sub_(lower), weight.to(frames.device, dtype).unsqueeze(-1))
+    return torch.lerp(lower, upper, weight.to(frames.device, torch.float32).unsqueeze(-1))
 
 
 def _check_mode(mode: str) -> None:
+    """Refuse a resampling mode other than linear or pool."""
     if mode not in ("linear", "pool"):
         raise ValueError(f"resampling mode must be linear or pool, got {mode!r}")
 
 
 def _check_counts(lengths: list[int], counts: list[int]) -> None:
+    """Refuse counts that do not pair with the sequences, are negative, or ask frames of an empty sequence."""
     if len(lengths) != len(counts):
         raise ValueError(f"{len(lengths)} sequences for {len(counts)} counts")
     for length, count in zip(lengths, counts):

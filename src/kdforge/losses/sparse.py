@@ -33,7 +33,8 @@ TailRule = Literal["bucket", "renormalize"]
 #: floor keeps 0 * log 0 = 0 free of NaN in both values and gradients.
 LOG_FLOOR = -1.0e4
 
-#: Elements per row block of :func:`topk_and_tail_logprobs`' temporaries (4 MiB in float32).
+#: Elements per row block of :func:`topk_and_tail_logprobs`' forward (4 MiB in float32): each block is
+#: read and rewritten while it is still in cache.
 ROW_BLOCK_ELEMENTS = 2**20
 
 
@@ -104,21 +105,22 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
     without cancellation); the backward turns that same buffer into the gradient in place, closed
     form. With ``Z = sum e``, ``O`` the sum outside the ids, ``g`` the incoming ``(n, k + 1)``
     gradient and ``G`` its row sum: ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids and
-    ``g_i - e_j G / Z`` at the i-th id.
+    ``g_i - e_j G / Z`` at the i-th id. Keeping ``e`` holds one logits-sized buffer from the forward
+    to the backward, which a gradient needs anyway; without one, ``e`` lives a block at a time.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, indices: Tensor) -> Tensor:
         maxes, outside = (torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device) for _ in range(2))
         at_ids = torch.empty(indices.shape, dtype=logits.dtype, device=logits.device)
-        exponentials = torch.empty_like(logits)
-        # Row blocks of 4 MiB, each read and rewritten while it is still in cache.
+        exponentials = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         block = max(1, ROW_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
         for start in range(0, logits.shape[0], block):
             part = slice(start, start + block)
             rows, ids = logits[part], indices[part]
             row_max = rows.amax(-1, keepdim=True)
-            shifted = torch.sub(rows, row_max, out=exponentials[part]).exp_()
+            kept = None if exponentials is None else exponentials[part]
+            shifted = torch.sub(rows, row_max, out=kept).exp_()
             at_ids[part] = shifted.gather(-1, ids)
             outside[part] = shifted.scatter_(-1, ids, 0.0).sum(-1)
             maxes[part] = row_max.squeeze(-1)

@@ -317,7 +317,7 @@ class WhisperDistillationTask(WhisperTask):
         # every layer's sequences in one call: one gather for the whole batch instead of one per layer
         packed = pack_points([s[name][:heard] for name in names for s in signals], counts * len(names),
                              self.config.alignment.resample)
-        return packed.view(len(names), sum(counts), -1)
+        return packed.view(len(names), sum(counts), packed.shape[-1])
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         from kdforge.data.augment import spec_augment
@@ -372,6 +372,9 @@ class WhisperDistillationTask(WhisperTask):
                 as one row of ``N`` points (most of a window is padding), otherwise pooled per utterance.
         """
         alignment = self.config.alignment
+        if any(states.shape[:2] != valid.shape for states in student_states):
+            raise ValueError(f"student states {[tuple(s.shape) for s in student_states]} do not match the "
+                             f"{tuple(valid.shape)} mask of valid points")
         # the order of states[valid], as a flat index: its gather's backward is ~3x cheaper than the mask's
         rows = valid.flatten().nonzero().squeeze(1)
         count = len(rows)

@@ -32,7 +32,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict | list) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 

@@ -57,3 +57,42 @@ def eval_command(
                   f"{result['utterances_per_s']:.2f}", f"{result['audio_seconds']:.1f}", window, str(batch_size))
     Console().print(table)
     print(json.dumps({key: result[key] for key in JSON_KEYS}))
+
+
+def similarity_command(
+    students: list[Path] = typer.Option(..., "--student", help="Whisper model directory; repeat it to compare several."),
+    teachers: list[Path] = typer.Option(..., "--teacher", help="Whisper or kdforge CTC model directory; repeat it."),
+    data: Path = typer.Option(..., "--data", help="Audiofolder: a folder with metadata.csv (e.g. CORPUS/test)."),
+    audio_ctx: int = typer.Option(None, "--audio-ctx", help="Whisper encoder positions kept (400 = 8 s), as in training."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Utterances run together."),
+    out: Path = typer.Option(None, "--out", help="New JSON file keeping every row."),
+) -> None:
+    """Linear CKA between each student encoder layer and its paired layer of each teacher; a table, then JSON rows.
+
+    How far distillation moved the students' representations towards the teachers' (1 = the same up to
+    an orthogonal map and scale): compare a student before training (its student-init folder) with
+    students trained with and without the projection mapping.
+    """
+    from kdforge.evaluation.runner import check_new_file
+    from kdforge.evaluation.similarity import representation_similarity
+    from kdforge.files import write_json_atomic
+
+    out = check_new_file(out)
+    rows = representation_similarity(students, teachers, data, audio_ctx=audio_ctx, batch_size=batch_size)
+    table = Table(title=f"kdforge similarity: linear CKA on {data}")
+    for column in ("student", "layer", *(_short_name(t) for t in teachers)):
+        table.add_column(column, justify="right")
+    for student in dict.fromkeys(row["student"] for row in rows):
+        for layer in dict.fromkeys(row["student_layer"] for row in rows if row["student"] == student):
+            cells = [f"{row['cka']:.3f} (L{row['teacher_layer']})" for row in rows
+                     if row["student"] == student and row["student_layer"] == layer]
+            table.add_row(_short_name(student), str(layer), *cells)
+    Console().print(table)
+    if out is not None:
+        write_json_atomic(out, rows)
+    print(json.dumps(rows))
+
+
+def _short_name(model_dir: str | Path) -> str:
+    """A model folder's last two path parts (``lora_lppm-s0/student``): run folders name their models ``student``."""
+    return "/".join(Path(model_dir).parts[-2:])

@@ -83,9 +83,7 @@ class Plan:
 #: full plan, whose teachers are too briefly trained for its downstream column to measure much.
 QUICK = Plan(("kl", "rkl", "tvd"), seeds=1, corpus_teacher_steps=200, task_teacher_steps=60, pretrain_steps=100,
              downstream_steps=100, eval_passages=100, eval_problems=100, cache_teachers=False, student_lm_steps=100)
-#: Sized to finish in under 90 minutes from a cold start on 2 CPU cores: the teachers' steps were cut from
-#: 1,500 and 1,600 (~45 of those minutes on the AMD VM) so the 78 student runs keep their 400 steps.
-FULL = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, corpus_teacher_steps=1000, task_teacher_steps=800,
+FULL = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, corpus_teacher_steps=1500, task_teacher_steps=1600,
             pretrain_steps=400, downstream_steps=400, eval_passages=200, eval_problems=300, cache_teachers=True,
             student_lm_steps=400)
 

@@ -114,6 +114,19 @@ def test_student_projection_shapes_and_parameters(kind, per_layer):
     assert not torch.allclose(projection(hidden, 0), projection(hidden, 1))
 
 
+def test_a_fixed_student_projection_is_an_untrained_isometry_per_layer():
+    projection = StudentProjection(width=6, dim=12, num_layers=2, kind="fixed", seed=3)
+    assert list(projection.parameters()) == []
+    hidden = gaussian(3, 4, 6, seed=4)
+    mapped = projection(hidden, 1)
+    torch.testing.assert_close(mapped.norm(dim=-1), hidden.norm(dim=-1))
+    points = hidden[:2].reshape(2, 4, 6)  # (layers, N, width)
+    torch.testing.assert_close(projection.map_layers(points), torch.stack([projection(points[slot], slot) for slot in range(2)]))
+    assert not torch.allclose(mapped, StudentProjection(6, 12, 2, kind="fixed", seed=4)(hidden, 1))
+    with pytest.raises(IndexError):
+        projection(hidden, 2)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_projecting_every_student_layer_at_once_is_each_layer_through_its_own_projection(kind):
     projection = StudentProjection(width=6, dim=12, num_layers=3, kind=kind)

@@ -368,3 +368,19 @@ def test_without_pointwise_alignment_token_points_are_pooled_per_utterance_like_
     torch.testing.assert_close(term, lppm_loss(student, teacher[None], torch.ones(3, 1, dtype=torch.bool), torch.ones(1)))
     task.config.alignment.pointwise = True  # the same points matched one by one: another loss
     assert not torch.allclose(task._token_lppm(output.decoder_hidden_states, batch)[0], term)
+
+
+def test_with_fixed_student_projections_the_mapping_trains_the_student_alone(tiny_whisper, wide_whisper, tiny_ctc,
+                                                                              speech, tmp_path, cache_dir):
+    from kdforge.tasks.asr_distill import WhisperDistillationTask
+
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
+                            alignment={"projection": "fixed"}, objective={"name": "none", "ce_weight": 0.0})
+    task = WhisperDistillationTask(config, tmp_path)
+    assert not any(p.requires_grad for p in task.heads.parameters())
+    seeds = {"student": task.heads["student"].layers.maps, **{m: maps.maps for m, maps in enumerate(task.heads["teachers"])}}
+    assert len({tuple(maps.flatten()[:4].tolist()) for maps in seeds.values()}) == 3  # no map shared
+    loss, terms = task.loss(task.batch([0, 1, 2]))
+    assert set(terms) == {"lppm"}
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.student.parameters() if p.requires_grad)

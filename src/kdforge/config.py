@@ -180,7 +180,9 @@ class AlignmentConfig(StrictModel):
     teachers: list[str] | None = Field(None, description="Names of the teachers mapped; default: all.")
     dim: int | None = Field(None, ge=1, description="Shared space dimension D; default: the largest width, "
                             "rounded up to a multiple of 64.")
-    projection: Literal["linear", "mlp"] = Field("linear", description="The student's learned projections.")
+    projection: Literal["linear", "mlp", "fixed"] = Field(
+        "linear", description="The student's projections: learned ('linear', 'mlp'), or 'fixed' seeded "
+        "semi-orthogonal maps like the teachers' (an ablation: only the student's states can then move).")
     teacher_map: Literal["fixed", "learned", "identity"] = Field(
         "fixed", description="Teacher side: fixed seeded semi-orthogonal maps; 'learned' (an ablation, with "
         "infonce_weight); 'identity' (a teacher as wide as dim, as TextBrewer-style hidden MSE).")
@@ -192,7 +194,7 @@ class AlignmentConfig(StrictModel):
     pointwise: bool = Field(True, description="Match frames in time; false pools each utterance to one point.")
     resample: Literal["linear", "pool"] = Field("linear", description="How a teacher with another frame rate "
                                                 "(or tokenization) is brought to the student's length.")
-    seed: int = Field(0, description="Seed of the fixed teacher maps.")
+    seed: int = Field(0, description="Seed of the fixed maps (teachers', and the student's with projection fixed).")
 
 
 class CacheConfig(StrictModel):

@@ -116,25 +116,33 @@ class TeacherProjection(nn.Module):
 
 
 class StudentProjection(nn.Module):
-    """The learned ``P_l: R^{width} -> R^{dim}``, one per mapped student layer.
+    """The ``P_l: R^{width} -> R^{dim}``, one per mapped student layer, learned by default.
 
     ``kind``: ``"linear"`` is ``Linear(width, dim)``; ``"mlp"`` is
-    ``Linear(width, dim) -> GELU -> Linear(dim, dim)``.
+    ``Linear(width, dim) -> GELU -> Linear(dim, dim)``; ``"fixed"`` (an ablation) is a seeded
+    semi-orthogonal map like a teacher's (:class:`TeacherProjection` from ``seed``), which nothing
+    trains: a learned projection can absorb the mapping without the student's states moving
+    (docs/results-asr.md), a fixed one leaves the states as the only thing the loss can change.
     """
 
-    def __init__(self, width: int, dim: int, num_layers: int, kind: Literal["linear", "mlp"] = "linear"):
+    def __init__(self, width: int, dim: int, num_layers: int, kind: Literal["linear", "mlp", "fixed"] = "linear",
+                 seed: int = 0):
         super().__init__()
-        if kind == "linear":
+        if kind == "fixed":
+            self.layers = TeacherProjection(width, dim, num_layers, seed)
+        elif kind == "linear":
             self.layers = nn.ModuleList(nn.Linear(width, dim) for _ in range(num_layers))
         elif kind == "mlp":
             self.layers = nn.ModuleList(
                 nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in range(num_layers)
             )
         else:
-            raise KdforgeError(f"student projection kind must be linear or mlp, got {kind!r}")
+            raise KdforgeError(f"student projection kind must be linear, mlp or fixed, got {kind!r}")
 
     def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
         """``(B, T, width) -> (B, T, dim)`` through the projection of mapped layer ``layer_slot``."""
+        if isinstance(self.layers, TeacherProjection):
+            return self.layers(hidden, layer_slot)
         check_layer_slot(layer_slot, len(self.layers))
         return self.layers[layer_slot](hidden)
 
@@ -144,6 +152,8 @@ class StudentProjection(nn.Module):
         Linear projections take one batched ``bias + points @ weight^T`` (forward and backward are
         one product each instead of one per layer).
         """
+        if isinstance(self.layers, TeacherProjection):
+            return self.layers.map_layers(hidden)
         if hidden.dim() != 3 or hidden.shape[0] != len(self.layers):
             raise ValueError(f"expected ({len(self.layers)}, N, width) points, got {tuple(hidden.shape)}")
         if isinstance(self.layers[0], nn.Linear):

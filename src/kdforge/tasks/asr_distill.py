@@ -264,12 +264,16 @@ class WhisperDistillationTask(WhisperTask):
             return torch.nn.ModuleList([TeacherProjection(widths[t.label], dim, layers, first_seed + index,
                                                           kind=alignment.teacher_map) for index, t in enumerate(teachers)])
 
+        # a fixed student map's seed follows every teacher map's (seed + index), so none shares one
+        student_seed = alignment.seed + len(self.mapped) + len(self.decoder_mapped)
         layers = len(self.student_layers)
-        heads = torch.nn.ModuleDict({"student": StudentProjection(student_width, dim, layers, kind=alignment.projection),
+        heads = torch.nn.ModuleDict({"student": StudentProjection(student_width, dim, layers, alignment.projection,
+                                                                  seed=student_seed),
                                      "teachers": teacher_maps(self.mapped, layers, alignment.seed)})
         if self.decoder_layers:  # made after the encoder's heads, which stay what they were without these
             layers = len(self.decoder_layers)
-            heads["decoder_student"] = StudentProjection(student_width, dim, layers, kind=alignment.projection)
+            heads["decoder_student"] = StudentProjection(student_width, dim, layers, alignment.projection,
+                                                         seed=student_seed + 1)
             heads["decoder_teachers"] = teacher_maps(self.decoder_mapped, layers, alignment.seed + len(self.mapped))
         return heads
 

@@ -196,7 +196,7 @@ def mapping_products_seconds(task: WhisperDistillationTask, indices: list[int], 
     from kdforge.benchmarks.steps import median_step_seconds
 
     projections = task.heads["student"]
-    width = next(m for m in projections.modules() if isinstance(m, torch.nn.Linear)).in_features
+    width = task.student.config.d_model  # the student's encoder states, whatever kind of projection maps them
     count = int(task.batch(indices)["encoder_frames"].sum())
     points = torch.randn(len(task.student_layers), count, width, requires_grad=True)
 

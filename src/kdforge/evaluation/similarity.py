@@ -39,19 +39,20 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
 
 
-def encoder_states(model_dir: str | Path, layers: list[int], data_dir: str | Path, audio_ctx: int | None = None,
+def encoder_states(model_dir: str | Path, layers: list[int], audio: list, texts: list[str], audio_ctx: int | None = None,
                    batch_size: int = 8) -> dict[int, list[Tensor]]:
-    """Per layer, each utterance's encoder hidden states ``(frames, width)`` (its own frames only) for the
-    audiofolder ``data_dir``, from a Whisper or kdforge CTC model, as the teacher cache records them."""
-    from kdforge.tasks.asr import read_training_audio
+    """Per layer, each utterance's encoder hidden states ``(frames, width)`` (its own frames only), from a
+    Whisper or kdforge CTC model, as the teacher cache records them.
+
+    Args:
+        audio: per utterance its 16 kHz samples; ``texts`` its transcript (Whisper's decoder is forced on it).
+    """
     from kdforge.teachers.build import batch_starts, teacher_signals
 
-    records, audio = read_training_audio(str(data_dir))
     run = teacher_signals(model_dir, layers, 1, audio_ctx)
     states: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for start in batch_starts(len(audio), batch_size, f"{Path(model_dir).name}: hidden states"):
-        texts = [record.transcription for record in records[start : start + batch_size]]
-        for signals in run(audio[start : start + batch_size], texts):
+        for signals in run(audio[start : start + batch_size], texts[start : start + batch_size]):
             for layer in layers:
                 states[layer].append(signals[f"hidden.{layer}"].float())
     return states
@@ -63,7 +64,8 @@ def representation_similarity(students: list[str | Path], teachers: list[str | P
 
     Each student's mapped layers are its encoder layers' outputs (hidden states ``1..depth-1``, as the
     recipe maps them), paired with each teacher's by the uniform map; each utterance's teacher frames
-    are those the student's window heard, resampled to the student's frames. Teachers run once.
+    are those the student's window heard, resampled to the student's frames. The audio is read and
+    every model run once.
 
     Args:
         students: Whisper model folders (an exported student, its ``student-init``, ...).
@@ -75,31 +77,35 @@ def representation_similarity(students: list[str | Path], teachers: list[str | P
         One row per (student, teacher, student layer): ``student``, ``teacher``, ``student_layer``,
         ``teacher_layer``, ``points`` and ``cka``.
     """
+    from kdforge.tasks.asr import read_training_audio
     from kdforge.tasks.asr_distill import encoder_shape
 
-    shapes = {str(model): encoder_shape(model) for model in [*students, *teachers]}
-    pairs = {}  # (student, teacher) -> (student layers, teacher layers)
-    for student in map(str, students):
+    students, teachers = [str(model) for model in students], [str(model) for model in teachers]
+    shapes = {model: encoder_shape(model) for model in [*students, *teachers]}
+    layers = {}  # per student its mapped layers, and per (student, teacher) the teacher's paired ones
+    for student in students:
         depth = shapes[student][0]
         if depth < 2:
             raise KdforgeError(f"{student} has no encoder layer to compare")
-        layers = list(range(1, depth))
-        for teacher in map(str, teachers):
-            pairs[student, teacher] = layers, uniform_layer_map(layers, depth, shapes[teacher][0])
-    student_states = {student: encoder_states(student, list(range(1, shapes[str(student)][0])), data_dir, audio_ctx,
-                                              batch_size) for student in map(str, students)}
+        layers[student] = list(range(1, depth))
+        for teacher in teachers:
+            layers[student, teacher] = uniform_layer_map(layers[student], depth, shapes[teacher][0])
+    records, audio = read_training_audio(str(data_dir))
+    texts = [record.transcription for record in records]
+    student_states = {student: encoder_states(student, layers[student], audio, texts, audio_ctx, batch_size)
+                      for student in students}
     rows = []
-    for teacher in map(str, teachers):
-        needed = sorted({layer for (_, name), (_, paired) in pairs.items() if name == teacher for layer in paired})
-        teacher_states = encoder_states(teacher, needed, data_dir, audio_ctx, batch_size)
-        rate = shapes[teacher][2]
-        for student in map(str, students):
-            layers, paired = pairs[student, teacher]
-            for layer, teacher_layer in zip(layers, paired):
+    for teacher in teachers:
+        needed = sorted({layer for student in students for layer in layers[student, teacher]})
+        teacher_states = encoder_states(teacher, needed, audio, texts, audio_ctx, batch_size)
+        for student in students:
+            student_rate, teacher_rate = shapes[student][2], shapes[teacher][2]
+            for layer, teacher_layer in zip(layers[student], layers[student, teacher]):
                 own = student_states[student][layer]
                 counts = [len(frames) for frames in own]
                 # a teacher without Whisper's window heard more than the student: keep what the window heard
-                heard = [frames[: math.ceil(count / 50.0 * rate)] for frames, count in zip(teacher_states[teacher_layer], counts)]
+                heard = [frames[: math.ceil(count / student_rate * teacher_rate)]
+                         for frames, count in zip(teacher_states[teacher_layer], counts)]
                 rows.append({"student": student, "teacher": teacher, "student_layer": layer,
                              "teacher_layer": teacher_layer, "points": sum(counts),
                              "cka": linear_cka(torch.cat(own), pack_points(heard, counts))})

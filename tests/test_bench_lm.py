@@ -1,6 +1,11 @@
 """``kdforge bench lm``'s verdict on the ranking term: a change counts only beyond the seed spread."""
 
+from pathlib import Path
+
+import pytest
+
 from kdforge.benchmarks.lm import METRIC_KEYS, rlkd_gains, to_markdown
+from kdforge.errors import KdforgeError
 
 
 def pretrain_row(rlkd: bool, value: float, spread: float) -> dict:
@@ -22,3 +27,20 @@ def test_a_gain_counts_only_when_it_exceeds_both_rows_seed_spreads():
     report |= {"machine": {"gpu": None, "cores": 2, "cpu": "test", "torch": "2.13.0"}, "command": "kdforge bench lm", "plan": {"seeds": 3, "cache_teachers": True},
                "overhead": {"step_ms_base": 100.0, "step_ms_rlkd": 110.0, "rlkd_overhead_pct": 10.0}}
     assert "| kl | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +2.00* | +1.00 |" in to_markdown(report)
+
+
+def test_quick_and_long_together_are_refused_before_anything_runs(tmp_path, capsys):
+    from kdforge.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "lm", "--out", str(tmp_path / "bench"), "--quick", "--long"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == "kdforge: error: --quick and --long are two different plans: give one of them\n"
+    assert not (tmp_path / "bench").exists()
+
+
+def test_an_unknown_plan_is_refused():
+    from kdforge.benchmarks.lm import run
+
+    with pytest.raises(KdforgeError, match="unknown plan 'medium' \\(known: quick, full, long\\)"):
+        run(Path("unused"), "medium")

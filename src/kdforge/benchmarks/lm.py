@@ -29,6 +29,7 @@ from kdforge.benchmarks.machine import describe_machine, machine_line
 from kdforge.benchmarks.steps import StepTimer, median_step_seconds
 from kdforge.config import parse_config
 from kdforge.data.lm import builtin_records
+from kdforge.errors import KdforgeError
 from kdforge.evaluation.lm import CR_KS, MOR_KS, agreement_metrics, exact_match_accuracy
 from kdforge.home import kdforge_home
 from kdforge.models.tiny import build_tiny_lm
@@ -83,9 +84,16 @@ class Plan:
 #: full plan, whose teachers are too briefly trained for its downstream column to measure much.
 QUICK = Plan(("kl", "rkl", "tvd"), seeds=1, corpus_teacher_steps=200, task_teacher_steps=60, pretrain_steps=100,
              downstream_steps=100, eval_passages=100, eval_problems=100, cache_teachers=False, student_lm_steps=100)
-FULL = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, corpus_teacher_steps=1500, task_teacher_steps=1600,
+#: Every objective over three seeds, sized to finish in under 90 minutes from a cold start on 2 CPU cores.
+FULL = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, corpus_teacher_steps=600, task_teacher_steps=600,
+            pretrain_steps=200, downstream_steps=200, eval_passages=150, eval_problems=200, cache_teachers=True,
+            student_lm_steps=300)
+#: The full grid's earlier, longer sizes (better trained teachers, twice the distillation steps): about two hours
+#: from a cold start on 2 CPU cores, under one with its teachers already trained.
+LONG = Plan(("kl", "rkl", "jsd", "tvd", "skl", "akl"), seeds=3, corpus_teacher_steps=1500, task_teacher_steps=1600,
             pretrain_steps=400, downstream_steps=400, eval_passages=200, eval_problems=300, cache_teachers=True,
             student_lm_steps=400)
+PLANS = {"quick": QUICK, "full": FULL, "long": LONG}
 
 
 def _run_config(teacher: Path | None, student: Path, data: str, steps: int, objective: dict, seed: int,
@@ -396,12 +404,15 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: Path, quick: bool = False, home: Path | None = None, command: str = "kdforge bench lm",
+def run(out: Path, plan_name: str = "full", home: Path | None = None, command: str = "kdforge bench lm",
         **plan_changes) -> dict:
     """Run the benchmark into ``out`` (``lm.json``, ``lm.md``, ``lm_agreement.png``); finished runs in
-    ``out/runs`` are reused. ``plan_changes`` (``seeds=3``, ``objectives=("jsd",)``, ``rlkd_weight``,
-    ``rank_on``, ``rank_eps``, ``student_lm_steps``...) replace the plan's fields; None keeps a field."""
-    plan = QUICK if quick else FULL
+    ``out/runs`` are reused. ``plan_name`` picks one of :data:`PLANS`; ``plan_changes`` (``seeds=3``,
+    ``objectives=("jsd",)``, ``rlkd_weight``, ``rank_on``, ``rank_eps``, ``student_lm_steps``...) replace
+    its fields; None keeps a field."""
+    if plan_name not in PLANS:
+        raise KdforgeError(f"unknown plan {plan_name!r} (known: {', '.join(PLANS)})")
+    plan = PLANS[plan_name]
     plan = Plan(**{**plan.__dict__, **{key: value for key, value in plan_changes.items() if value is not None}})
     out, home = Path(out), kdforge_home(home)
     out.mkdir(parents=True, exist_ok=True)

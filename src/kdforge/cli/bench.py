@@ -52,25 +52,31 @@ def bench_lm(
     out: Path = typer.Option(..., "--out", help="Folder for lm.json, lm.md and lm_agreement.png."),
     seeds: int = typer.Option(None, help="Seeds per row (default: 1 with --quick, else 3)."),
     quick: bool = typer.Option(False, help="kl, rkl, tvd only, one seed, shorter training (< 10 min)."),
+    long: bool = typer.Option(False, help="The earlier, longer plan: better trained teachers, 400 distillation "
+                              "steps (about 2 hours from a cold start)."),
     objectives: str = typer.Option(None, help="Base objectives, comma-separated (default: the plan's)."),
     rlkd_weight: float = typer.Option(None, min=0.0, help="Weight of the ranking term (default: 2, the paper's)."),
     rank_on: RankOn = typer.Option(None, help="What the ranking term ranks (default: logits, the official code's)."),
     rank_eps: float = typer.Option(None, min=1e-6, help="The soft rank's regularisation strength (default: 1)."),
     student_lm_steps: int = typer.Option(None, min=0, help="Steps of language modelling on the corpus that each "
-                                         "student takes before distillation; 0 = random students (default: 400, "
-                                         "150 with --quick)."),
+                                         "student takes before distillation; 0 = random students (default: 300, "
+                                         "100 with --quick, 400 with --long)."),
 ) -> None:
     """RLKD's tables on tiny models: agreement (Table 1), accuracy (Table 2), step cost (Table 4)."""
     from kdforge.benchmarks import lm as lm_benchmark
 
+    if quick and long:
+        raise KdforgeError("--quick and --long are two different plans: give one of them")
+    plan_name = "quick" if quick else "long" if long else "full"
     chosen = objective_names(objectives) if objectives else None
-    command = ("kdforge bench lm --out DIR" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
+    command = ("kdforge bench lm --out DIR" + ("" if plan_name == "full" else f" --{plan_name}")
+               + (f" --seeds {seeds}" if seeds else "")
                + (f" --objectives {','.join(chosen)}" if chosen else "")
                + (f" --rlkd-weight {rlkd_weight:g}" if rlkd_weight is not None else "")
                + (f" --rank-on {rank_on.value}" if rank_on else "")
                + (f" --rank-eps {rank_eps:g}" if rank_eps is not None else "")
                + (f" --student-lm-steps {student_lm_steps}" if student_lm_steps is not None else ""))
-    report = lm_benchmark.run(out, quick=quick, command=command, seeds=seeds, objectives=chosen,
+    report = lm_benchmark.run(out, plan_name, command=command, seeds=seeds, objectives=chosen,
                               rlkd_weight=rlkd_weight, rank_on=rank_on.value if rank_on else None, rank_eps=rank_eps,
                               student_lm_steps=student_lm_steps)
     typer.echo(lm_benchmark.to_markdown(report))

@@ -1,5 +1,7 @@
 """RLKD: exact unions, the soft rank (against torchsort and a PAV loop) and the ranking loss."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,22 @@ def test_sparse_teacher_ranks_unseen_ids_below_stored_ones_all_tied():
     ranks_t = np.array([6, 5, 4, 2, 2, 2.0])
     ranks_s = np.array([1, 2, 3, 6, 5, 4.0])
     assert sparse.item() == pytest.approx(1 - reference.pearson(ranks_s, ranks_t), abs=1e-4)
+
+
+@pytest.mark.parametrize("rank_on", ["logits", "probs"])
+def test_a_sparse_teachers_scores_are_its_stored_logprobs_or_the_tails_share(rank_on):
+    from kdforge.losses.ranking import _teacher_scores
+
+    vocab_size, stored = 50, 12
+    teacher = TopKTeacher.from_logits(random_logits(6, vocab_size, seed=16), stored)
+    ids = torch.stack([torch.randperm(vocab_size, generator=torch.Generator().manual_seed(row))[:20] for row in range(6)])
+    want = torch.empty(6, 20)
+    for row in range(6):
+        known = dict(zip(teacher.indices[row].tolist(), teacher.logprobs[row].tolist()))
+        tail = teacher.tail_logprob[row].item() - math.log(vocab_size - stored)
+        want[row] = torch.tensor([known.get(i, tail) for i in ids[row].tolist()])
+    got = _teacher_scores(teacher, ids, vocab_size, rank_on)
+    torch.testing.assert_close(got, want.exp() if rank_on == "probs" else want)
 
 
 def test_dynamic_weighting_scales_each_position_by_its_overlap():

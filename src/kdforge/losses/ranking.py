@@ -200,11 +200,15 @@ def _teacher_scores(teacher: Teacher, ids: Tensor, vocab_size: int, rank_on: Ran
     log-probability ``log(tail / (V - K))``, below every stored one, all such ids tied.
     """
     if isinstance(teacher, TopKTeacher):
-        match = ids.unsqueeze(-1) == teacher.indices.unsqueeze(-2)
-        stored = (match * teacher.logprobs.unsqueeze(-2)).sum(-1)
+        # A binary search in each row's sorted stored ids: comparing every id with every stored one
+        # builds an (n, m, K) table, most of the term's cost with a top-256 cache.
+        sorted_ids, order = teacher.indices.sort(dim=-1)
+        slot = torch.searchsorted(sorted_ids, ids).clamp_(max=teacher.k - 1)
+        found = sorted_ids.gather(-1, slot) == ids
+        stored = teacher.logprobs.gather(-1, order.gather(-1, slot))
         unseen = vocab_size - teacher.k
         tail = teacher.tail_logprob - math.log(max(unseen, 1))
-        scores = torch.where(match.any(-1), stored, tail.unsqueeze(-1))
+        scores = torch.where(found, stored, tail.unsqueeze(-1).to(stored.dtype))
         return scores.exp() if rank_on == "probs" else scores
     if rank_on == "probs":
         return torch.softmax(teacher.float(), dim=-1).gather(-1, ids)

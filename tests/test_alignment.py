@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
-                               resample_points, semi_orthogonal, shared_dimension, spherical_centroid,
+                               procrustes_map, resample_points, semi_orthogonal, shared_dimension, spherical_centroid,
                                uniform_layer_map)
 from kdforge.errors import KdforgeError
 from kdforge.losses import cosine_loss, geodesic_loss, mse_loss
@@ -58,6 +58,21 @@ def test_semi_orthogonal_is_an_isometry_and_deterministic_per_seed():
     assert not torch.allclose(q, semi_orthogonal(24, 40, seed=4), atol=1e-2)
     with pytest.raises(KdforgeError, match="out_dim >= in_dim"):
         semi_orthogonal(40, 24, seed=3)
+
+
+def test_procrustes_recovers_the_isometry_that_carried_the_points_and_beats_any_other_on_noisy_ones():
+    rotation = semi_orthogonal(6, 10, seed=5)
+    points = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))
+    targets = points @ rotation.T
+    torch.testing.assert_close(procrustes_map(targets.T @ points), rotation, atol=1e-5, rtol=1e-5)
+    noisy = targets + 0.5 * torch.randn(200, 10, generator=torch.Generator().manual_seed(1))
+    fitted = procrustes_map(torch.stack([noisy.T @ points, targets.T @ points]))  # a batch: one map per layer
+    torch.testing.assert_close(fitted[0].T @ fitted[0], torch.eye(6), atol=1e-5, rtol=1e-5)
+    error = lambda q: ((points @ q.T - noisy) ** 2).sum()  # noqa: E731
+    assert error(fitted[0]) < error(rotation)
+    assert all(error(fitted[0]) < error(semi_orthogonal(6, 10, seed)) for seed in range(5))
+    with pytest.raises(KdforgeError, match="needs D >= d"):
+        procrustes_map(torch.zeros(4, 6))
 
 
 def test_fixed_teacher_projection_has_no_trainable_parameters_and_keeps_norms():

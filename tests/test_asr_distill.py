@@ -384,3 +384,38 @@ def test_with_fixed_student_projections_the_mapping_trains_the_student_alone(tin
     assert set(terms) == {"lppm"}
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.student.parameters() if p.requires_grad)
+
+
+def test_procrustes_maps_make_the_teachers_and_a_fixed_student_agree_with_the_first_teacher(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, cache_dir):
+    from torch.nn import functional as F
+
+    from kdforge.tasks.asr_distill import (PROCRUSTES_UTTERANCES, WhisperDistillationTask, frames_of_speech,
+                                           valid_points)
+
+    def task_with(teacher_map: str) -> WhisperDistillationTask:
+        return WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
+                                                      alignment={"teacher_map": teacher_map, "projection": "fixed"}),
+                                       tmp_path)
+
+    seeded, fitted = task_with("fixed"), task_with("procrustes")
+    assert len(fitted.ids) <= PROCRUSTES_UTTERANCES  # every utterance took part in the fit
+    seeded.premapped = set()  # both read the raw states
+    batch = fitted.batch(list(range(len(fitted.ids))))
+    with torch.no_grad():
+        hidden = fitted.forward(batch["features"], batch["inputs"], hidden_states=True).encoder_hidden_states
+    student = valid_points([hidden[layer] for layer in fitted.student_layers], frames_of_speech(hidden, batch))
+
+    def mean_cosine(task, maps, points) -> float:
+        reference = task.heads["teachers"][0].map_layers(F.normalize(batch["hidden/wide"], dim=-1))
+        return float((reference * maps.map_layers(F.normalize(points, dim=-1))).sum(-1).mean())
+
+    assert torch.equal(fitted.heads["teachers"][0].maps, seeded.heads["teachers"][0].maps)  # the reference's own
+    for side, points in (("ctc", batch["hidden/ctc.v1"]), ("student", student)):
+        maps = {task: task.heads["teachers"][1] if side == "ctc" else task.heads["student"].layers
+                for task in (seeded, fitted)}
+        refitted = maps[fitted].maps
+        torch.testing.assert_close(refitted.transpose(1, 2) @ refitted, torch.eye(refitted.shape[-1]).expand_as(
+            refitted.transpose(1, 2) @ refitted), atol=1e-5, rtol=1e-5)  # still isometries
+        assert mean_cosine(fitted, maps[fitted], points) > mean_cosine(seeded, maps[seeded], points) + 0.1, side
+    assert not any(p.requires_grad for p in fitted.heads.parameters())

@@ -6,7 +6,8 @@ Pairing (:func:`uniform_layer_map`, :func:`pack_points`), projection into the sh
 
 from kdforge.alignment.layers import uniform_layer_map
 from kdforge.alignment.loss import POINT_LOSSES, infonce_loss, lppm_loss, spherical_centroid
-from kdforge.alignment.projection import StudentProjection, TeacherProjection, semi_orthogonal, shared_dimension
+from kdforge.alignment.projection import (StudentProjection, TeacherProjection, procrustes_map, semi_orthogonal,
+                                          shared_dimension)
 from kdforge.alignment.resampling import pack_points, pool_points, resample_points
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "lppm_loss",
     "pack_points",
     "pool_points",
+    "procrustes_map",
     "resample_points",
     "semi_orthogonal",
     "shared_dimension",

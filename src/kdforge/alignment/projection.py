@@ -47,6 +47,26 @@ def semi_orthogonal(in_dim: int, out_dim: int, seed: int) -> Tensor:
     return (q * signs).to(torch.float32)
 
 
+def procrustes_map(cross_covariance: Tensor) -> Tensor:
+    """The semi-orthogonal ``Q`` that best carries points ``x_i`` onto targets ``y_i`` (orthogonal
+    Procrustes, Schonemann 1966).
+
+    ``argmin_{Q^T Q = I} sum_i ||Q x_i - y_i||^2`` is ``U V^T`` for the thin SVD ``U S V^T`` of
+    ``C = sum_i y_i x_i^T``: the squared error is a constant minus ``2 tr(Q^T C)``.
+
+    Args:
+        cross_covariance: ``(..., D, d)``, ``C`` (a batch of them for several layers), ``D >= d``.
+
+    Returns:
+        ``(..., D, d)`` float32 with orthonormal columns.
+    """
+    if cross_covariance.shape[-2] < cross_covariance.shape[-1]:
+        raise KdforgeError(f"a semi-orthogonal map needs D >= d, got a {tuple(cross_covariance.shape[-2:])} "
+                           "cross-covariance")
+    u, _, vh = torch.linalg.svd(cross_covariance.double(), full_matrices=False)
+    return (u @ vh).float()
+
+
 def layer_seed(seed: int, layer_slot: int) -> int:
     """The seed of one layer's map: distinct slots and distinct teacher seeds give unrelated maps.
 

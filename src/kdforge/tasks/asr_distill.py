@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
+                                procrustes_map,
                                shared_dimension, uniform_layer_map)
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
@@ -194,6 +196,23 @@ def same_vocabulary(student_tokenizer, model_dir: str | Path) -> bool:
         return False
 
 
+#: Training utterances over which ``alignment.teacher_map: procrustes`` fits its maps, once.
+PROCRUSTES_UTTERANCES = 64
+
+
+def frames_of_speech(hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> Tensor:
+    """``(B, T)`` bool over the student's encoder window: True on each utterance's frames of speech."""
+    window, device = hidden_states[0].shape[1], hidden_states[0].device
+    return torch.arange(window, device=device) < batch["encoder_frames"][:, None]
+
+
+def valid_points(states: list[Tensor], valid: Tensor) -> Tensor:
+    """Each layer's ``(B, T, d)`` states at the ``(B, T)`` bool ``valid`` points, packed: ``(layers, N, d)``."""
+    # the order of states[valid], as a flat index: its gather's backward is ~3x cheaper than the mask's
+    rows = valid.flatten().nonzero().squeeze(1)
+    return torch.stack([layer.flatten(0, 1).index_select(0, rows) for layer in states])
+
+
 class WhisperDistillationTask(WhisperTask):
     """A Whisper student (optionally built from a teacher's layers, optionally LoRA) distilled from the cache."""
 
@@ -224,6 +243,8 @@ class WhisperDistillationTask(WhisperTask):
         self._add_adapters()
         torch.manual_seed(config.training.seed + 1)  # the same heads whether or not student-init was just built
         self.heads = self._projection_heads() if self.mapped else None
+        if self.mapped and alignment.teacher_map == "procrustes":
+            self._fit_maps_to_reference()
         self.student.train()
         self.step = 0
 
@@ -261,8 +282,9 @@ class WhisperDistillationTask(WhisperTask):
 
         def teacher_maps(teachers: list, layers: int, first_seed: int) -> torch.nn.ModuleList:
             # a list in the order of teachers: names such as "whisper-tiny.en" are not module names
-            return torch.nn.ModuleList([TeacherProjection(widths[t.label], dim, layers, first_seed + index,
-                                                          kind=alignment.teacher_map) for index, t in enumerate(teachers)])
+            kind = "fixed" if alignment.teacher_map == "procrustes" else alignment.teacher_map  # refitted after
+            return torch.nn.ModuleList([TeacherProjection(widths[t.label], dim, layers, first_seed + index, kind=kind)
+                                        for index, t in enumerate(teachers)])
 
         # a fixed student map's seed follows every teacher map's (seed + index), so none shares one
         student_seed = alignment.seed + len(self.mapped) + len(self.decoder_mapped)
@@ -276,6 +298,39 @@ class WhisperDistillationTask(WhisperTask):
                                                          seed=student_seed + 1)
             heads["decoder_teachers"] = teacher_maps(self.decoder_mapped, layers, alignment.seed + len(self.mapped))
         return heads
+
+    @torch.no_grad()
+    def _fit_maps_to_reference(self) -> None:
+        """``alignment.teacher_map: procrustes``: the fixed maps of every mapped teacher but the first (the
+        reference, which keeps its seeded ones), and the student's with ``projection: fixed``, become
+        the isometries that best carry its unit points onto the reference's mapped unit points
+        (:func:`~kdforge.alignment.procrustes_map`), over the frames of speech of the first
+        :data:`PROCRUSTES_UTTERANCES` training utterances (the student's as initialised).
+
+        Independently seeded maps send the teachers' points for one frame in unrelated directions, so
+        their sum or centroid gives the student no common target (docs/results-asr.md); these maps make
+        the teachers agree as far as a rotation of each one's states can.
+        """
+        fit_student = self.config.alignment.projection == "fixed"
+        refitted = [*self.heads["teachers"][1:], *([self.heads["student"].layers] if fit_student else [])]
+        crosses = [0.0] * len(refitted)
+        count, size = min(PROCRUSTES_UTTERANCES, len(self.ids)), self.config.training.batch_size
+        was_training = self.student.training
+        self.student.eval()
+        for start in range(0, count, size):
+            batch = self.batch(list(range(start, min(start + size, count))))
+            points = [batch[f"hidden/{t.label}"] for t in self.mapped]  # raw: nothing is premapped here
+            if fit_student:
+                hidden = self.forward(batch["features"], batch["inputs"], hidden_states=True).encoder_hidden_states
+                points.append(valid_points([hidden[layer] for layer in self.student_layers],
+                                           frames_of_speech(hidden, batch)))
+            reference = self.heads["teachers"][0].map_layers(F.normalize(points[0].float(), dim=-1))
+            for index, own in enumerate(points[1:]):
+                crosses[index] = crosses[index] + torch.einsum("lnD,lnd->lDd", reference,
+                                                               F.normalize(own.float(), dim=-1))
+        self.student.train(was_training)
+        for maps, cross in zip(refitted, crosses):
+            maps.maps.copy_(procrustes_map(cross))
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """:meth:`WhisperTask.batch` plus the teachers' cached signals for these utterances.
@@ -351,11 +406,9 @@ class WhisperDistillationTask(WhisperTask):
     def _lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """The projection-mapping loss over frame points (encoder states of the frames of speech), and
         the InfoNCE term when the teacher maps are learned."""
-        window, device = hidden_states[0].shape[1], hidden_states[0].device
-        frames = torch.arange(window, device=device) < batch["encoder_frames"][:, None]
         return self._group_loss("", [hidden_states[layer] for layer in self.student_layers],
-                                [batch[f"hidden/{t.label}"] for t in self.mapped], frames, self.teacher_weights,
-                                [t.label in self.premapped for t in self.mapped])
+                                [batch[f"hidden/{t.label}"] for t in self.mapped], frames_of_speech(hidden_states, batch),
+                                self.teacher_weights, [t.label in self.premapped for t in self.mapped])
 
     def _token_lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """:meth:`_lppm` over token points: the decoder states at the target positions."""
@@ -379,14 +432,12 @@ class WhisperDistillationTask(WhisperTask):
         if any(states.shape[:2] != valid.shape for states in student_states):
             raise ValueError(f"student states {[tuple(s.shape) for s in student_states]} do not match the "
                              f"{tuple(valid.shape)} mask of valid points")
-        # the order of states[valid], as a flat index: its gather's backward is ~3x cheaper than the mask's
-        rows = valid.flatten().nonzero().squeeze(1)
-        count = len(rows)
+        student = valid_points(student_states, valid)
+        count = student.shape[1]
         if any(points.shape[1] != count for points in teacher_points):
             raise ValueError(f"the teachers' packed points ({', '.join(str(p.shape[1]) for p in teacher_points)}) "
                              f"are not the student's {count}: batch() and the loss disagree on the valid points")
-        student = self.heads[f"{group}student"].map_layers(
-            torch.stack([states.flatten(0, 1).index_select(0, rows) for states in student_states]))
+        student = self.heads[f"{group}student"].map_layers(student)
         teachers = torch.stack([points if ready else maps.map_layers(points) for maps, points, ready
                                 in zip(self.heads[f"{group}teachers"], teacher_points, already_mapped)])
         if alignment.pointwise:  # (L, 1, N, D) and (M, L, 1, N, D)

@@ -67,6 +67,7 @@ def test_procrustes_recovers_the_isometry_that_carried_the_points_and_beats_any_
     torch.testing.assert_close(procrustes_map(targets.T @ points), rotation, atol=1e-5, rtol=1e-5)
     noisy = targets + 0.5 * torch.randn(200, 10, generator=torch.Generator().manual_seed(1))
     fitted = procrustes_map(torch.stack([noisy.T @ points, targets.T @ points]))  # a batch: one map per layer
+    torch.testing.assert_close(fitted[1], rotation, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fitted[0].T @ fitted[0], torch.eye(6), atol=1e-5, rtol=1e-5)
     error = lambda q: ((points @ q.T - noisy) ** 2).sum()  # noqa: E731
     assert error(fitted[0]) < error(rotation)

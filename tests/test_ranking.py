@@ -126,17 +126,21 @@ def test_sparse_teacher_ranks_unseen_ids_below_stored_ones_all_tied():
     assert sparse.item() == pytest.approx(1 - reference.pearson(ranks_s, ranks_t), abs=1e-4)
 
 
+@pytest.mark.parametrize("stored,count", [(12, 20), (50, 20), (12, 2)],
+                         ids=["vocabulary-table", "whole-vocabulary", "pair-table"])
 @pytest.mark.parametrize("rank_on", ["logits", "probs"])
-def test_a_sparse_teachers_scores_are_its_stored_logprobs_or_the_tails_share(rank_on):
+def test_a_sparse_teachers_scores_are_its_stored_logprobs_or_the_tails_share(rank_on, stored, count):
     from kdforge.losses.ranking import _teacher_scores
 
-    vocab_size, stored = 50, 12
+    vocab_size = 50
     teacher = TopKTeacher.from_logits(random_logits(6, vocab_size, seed=16), stored)
-    ids = torch.stack([torch.randperm(vocab_size, generator=torch.Generator().manual_seed(row))[:20] for row in range(6)])
-    want = torch.empty(6, 20)
+    ids = torch.stack([torch.randperm(vocab_size, generator=torch.Generator().manual_seed(row))[:count]
+                       for row in range(6)])
+    ids[:, :2] = torch.tensor([0, vocab_size - 1])  # the vocabulary's two ends
+    want = torch.empty(6, count)
     for row in range(6):
         known = dict(zip(teacher.indices[row].tolist(), teacher.logprobs[row].tolist()))
-        tail = teacher.tail_logprob[row].item() - math.log(vocab_size - stored)
+        tail = teacher.tail_logprob[row].item() - math.log(max(vocab_size - stored, 1))
         want[row] = torch.tensor([known.get(i, tail) for i in ids[row].tolist()])
     got = _teacher_scores(teacher, ids, vocab_size, rank_on)
     torch.testing.assert_close(got, want.exp() if rank_on == "probs" else want)

@@ -158,7 +158,8 @@ def fixed_teacher_maps(config) -> dict[str, dict]:
 
     The cache stores each teacher's hidden states mapped this way (``mapped.<layer>``) beside the raw
     ones, so that a run with these maps reads its teacher points ready in the shared space (METHODS.md:
-    the cache holds mapped hidden states). Empty when the maps are learned or the identity.
+    the cache holds mapped hidden states). Empty when the maps are learned, the identity, or refitted
+    by ``procrustes`` (those runs read the raw states).
     """
     teachers = mapped_teachers(config)
     if not teachers or config.alignment.teacher_map != "fixed":
@@ -309,10 +310,14 @@ class WhisperDistillationTask(WhisperTask):
 
         Independently seeded maps send the teachers' points for one frame in unrelated directions, so
         their sum or centroid gives the student no common target (docs/results-asr.md); these maps make
-        the teachers agree as far as a rotation of each one's states can.
+        the teachers agree as far as a rotation of each one's states can. The fit always pairs unit
+        points frame by frame, whatever ``pointwise`` and ``normalize`` say. Checkpoints keep trainable
+        weights only: a resumed run (or another rank) fits the same maps again from the same utterances.
         """
         fit_student = self.config.alignment.projection == "fixed"
         refitted = [*self.heads["teachers"][1:], *([self.heads["student"].layers] if fit_student else [])]
+        if not refitted:  # one mapped teacher and learned student projections: nothing to agree with
+            return
         crosses = [0.0] * len(refitted)
         count, size = min(PROCRUSTES_UTTERANCES, len(self.ids)), self.config.training.batch_size
         was_training = self.student.training

@@ -390,7 +390,6 @@ def test_procrustes_maps_make_the_teachers_and_a_fixed_student_agree_with_the_fi
         tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, cache_dir):
     from torch.nn import functional as F
 
-    from kdforge.alignment import procrustes_map
     from kdforge.tasks.asr_distill import (PROCRUSTES_UTTERANCES, WhisperDistillationTask, frames_of_speech,
                                            valid_points)
 
@@ -414,9 +413,11 @@ def test_procrustes_maps_make_the_teachers_and_a_fixed_student_agree_with_the_fi
         maps = {task: task.heads["teachers"][1] if side == "ctc" else task.heads["student"].layers
                 for task in (seeded, fitted)}
         units = F.normalize(points, dim=-1)
-        # the fit over every utterance's unit points, frame by frame, accumulated over the fit's batches
-        torch.testing.assert_close(maps[fitted].maps, procrustes_map(torch.einsum("lnD,lnd->lDd", reference, units)),
-                                   atol=1e-4, rtol=1e-4)
+        # optimal over every utterance's unit points, frame by frame, accumulated over the fit's batches:
+        # tr(Q^T C) reaches C's nuclear norm (Q itself is not unique: C's rank is at most the reference's width)
+        cross = torch.einsum("lnD,lnd->lDd", reference, units)
+        torch.testing.assert_close((maps[fitted].maps * cross).sum((-2, -1)), torch.linalg.svdvals(cross).sum(-1),
+                                   atol=1e-3, rtol=1e-4)
         cosine = {task: float((reference * maps[task].map_layers(units)).sum(-1).mean()) for task in maps}
         assert cosine[fitted] > cosine[seeded] + 0.1, side
     assert list(fitted.heads.parameters()) == [] and "teachers.1.maps" in fitted.heads.state_dict()

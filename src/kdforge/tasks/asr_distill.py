@@ -310,7 +310,8 @@ class WhisperDistillationTask(WhisperTask):
 
         Independently seeded maps send the teachers' points for one frame in unrelated directions, so
         their sum or centroid gives the student no common target (docs/results-asr.md); these maps make
-        the teachers agree as far as a rotation of each one's states can. The fit always pairs unit
+        the teachers agree as far as a rotation of each one's states can (a map is unique only up to the
+        directions the reference's points do not span, e.g. for a teacher wider than it). The fit pairs unit
         points frame by frame, whatever ``pointwise`` and ``normalize`` say. Checkpoints keep trainable
         weights only: a resumed run (or another rank) fits the same maps again from the same utterances.
         """

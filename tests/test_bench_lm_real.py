@@ -51,12 +51,14 @@ def test_the_benchmark_trains_each_objective_with_and_without_ranking_over_seeds
     assert "| kl + R |" in markdown
     gain = rows["kl", True]["mor@5"] - rows["kl", False]["mor@5"]  # the ranking term's change, in the table
     beyond = abs(gain) > max(rows["kl", True]["mor@5_std"], rows["kl", False]["mor@5_std"])
+    paired = [a - b for a, b in zip(rows["kl", True]["mor@5_seeds"], rows["kl", False]["mor@5_seeds"])]
+    beyond_paired = abs(gain) > abs(paired[0] - paired[1]) / 2 ** 0.5  # two seeds' standard deviation
     lines = markdown.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("| objective | cr@2"))
     header, gains = lines[at], lines[at + 2]
     assert gains.startswith("| kl | ")
     cell = gains.split(" | ")[header.split(" | ").index("mor@5")]
-    assert cell == f"{gain:+.2f}{'*' if beyond else ''}"
+    assert cell == f"{gain:+.2f}{'*' if beyond else ''}{'†' if beyond_paired else ''}"
 
 
 def test_bad_data_fails_before_any_folder_is_made(tmp_path):

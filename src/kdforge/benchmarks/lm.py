@@ -190,12 +190,13 @@ def starting_student(home: Path, plan: Plan, tokenizer_dir: Path, seed: int) -> 
 
 
 def mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
-    """Mean and standard deviation over seeds of each metric."""
+    """Mean, standard deviation and each seed's value of every metric (``key``, ``key_std``, ``key_seeds``)."""
     summary = {"seeds": len(rows)}
     for key in keys:
         values = [row[key] for row in rows]
         summary[key] = statistics.fmean(values)
         summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[f"{key}_seeds"] = values
     return summary
 
 
@@ -345,18 +346,38 @@ def rlkd_gains(heldout: list[dict], downstream: list[dict] = ()) -> list[dict]:
         for key, pair in pairs:
             delta = pair[True][key] - pair[False][key]
             spread = max(pair[True][f"{key}_std"], pair[False][f"{key}_std"])
+            paired = paired_changes(pair[True].get(f"{key}_seeds"), pair[False].get(f"{key}_seeds"))
+            paired_spread = statistics.stdev(paired) if paired else None
             gains.append({"objective": objective, "metric": key, "delta": delta, "spread": spread,
-                          "beyond_spread": pair[True]["seeds"] > 1 and abs(delta) > spread})
+                          "beyond_spread": pair[True]["seeds"] > 1 and abs(delta) > spread,
+                          "paired_spread": paired_spread,
+                          "beyond_paired_spread": paired_spread is not None and abs(delta) > paired_spread})
     return gains
+
+
+def paired_changes(with_rank: list[float] | None, without: list[float] | None) -> list[float] | None:
+    """Each seed's ``+ R`` value minus its value without: the seed fixes the student's start and the batch
+    order, so the two runs of one seed differ by the ranking term alone. None without 2+ paired seeds."""
+    if not with_rank or not without or len(with_rank) != len(without) or len(with_rank) < 2:
+        return None
+    return [a - b for a, b in zip(with_rank, without)]
+
+
+#: What :func:`gains_table`'s marks mean.
+GAINS_LEGEND = ("* where the change is larger than both rows' seed standard deviations; † where it is larger than "
+                "the standard deviation of the seeds' paired changes (each seed's run with + R against its run "
+                "without: same student start, same batches).")
 
 
 def gains_table(gains: list[dict]) -> list[str]:
     """:func:`rlkd_gains` as markdown lines: one row per objective, ``+ R`` minus without in points,
-    ``*`` where the change is beyond the seeds' spread."""
+    ``*`` where the change is beyond the seeds' spread, ``†`` where it is beyond the spread of the
+    seeds' paired changes."""
     metrics = list(dict.fromkeys(g["metric"] for g in gains))
     lines = ["| objective | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for objective in dict.fromkeys(g["objective"] for g in gains):
-        cells = {g["metric"]: f"{g['delta']:+.2f}{'*' if g['beyond_spread'] else ''}" for g in gains
+        cells = {g["metric"]: f"{g['delta']:+.2f}{'*' if g['beyond_spread'] else ''}"
+                              f"{'†' if g.get('beyond_paired_spread') else ''}" for g in gains
                  if g["objective"] == objective}
         lines.append(f"| {objective} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
     return lines
@@ -385,8 +406,7 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {label} | {r['accuracy']:.1f} ± {r['accuracy_std']:.1f} |")
     heldout = [r for r in report["pretrain"] if r["split"] == "heldout"]
     lines += ["", "## What the ranking term changed", "",
-              "+ R minus without, in points (held-out agreement; downstream accuracy); * where the change is "
-              "larger than both rows' seed standard deviations.", "",
+              f"+ R minus without, in points (held-out agreement; downstream accuracy); {GAINS_LEGEND}", "",
               *gains_table(rlkd_gains(heldout, report["downstream"]))]
     if "gradients" in report:
         lines += ["", "## How hard the ranking term pulls at the start", "",

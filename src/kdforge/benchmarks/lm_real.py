@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kdforge.benchmarks.lm import METRIC_KEYS, gains_table, mean_rows, plot_agreement, rlkd_gains
+from kdforge.benchmarks.lm import GAINS_LEGEND, METRIC_KEYS, gains_table, mean_rows, plot_agreement, rlkd_gains
 from kdforge.benchmarks.machine import describe_machine, machine_line
 from kdforge.benchmarks.steps import StepTimer, median_step_seconds
 from kdforge.config import parse_config
@@ -193,8 +193,7 @@ def to_markdown(report: dict) -> str:
         seconds = f"{row['train_seconds']:.0f}" if "train_seconds" in row else "-"
         lines.append(f"| {row['objective']}{' + R' if row['rlkd'] else ''} | {cells} | {seconds} |")
     students = [row for row in report["heldout"] if row["objective"] in plan["objectives"]]
-    lines += ["", "+ R minus without, held-out, in points; * where the change is larger than both rows' seed "
-              "standard deviations:", "", *gains_table(rlkd_gains(students))]
+    lines += ["", f"+ R minus without, held-out, in points; {GAINS_LEGEND}", "", *gains_table(rlkd_gains(students))]
     lines += ["", f"Step (cached teacher, batch {plan['batch_size']}): KL {o['step_ms_base']:.0f} ms, KL + R "
               f"{o['step_ms_rlkd']:.0f} ms ({o['rlkd_overhead_pct']:+.1f}%).", "",
               "![agreement](lm-real_agreement.png)"]

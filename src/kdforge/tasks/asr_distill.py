@@ -30,8 +30,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
-                                procrustes_map,
-                               shared_dimension, uniform_layer_map)
+                               procrustes_map, shared_dimension, uniform_layer_map)
 from kdforge.errors import KdforgeError
 from kdforge.models.loading import model_type_of
 from kdforge.tasks.asr import WhisperTask, read_training_audio
@@ -330,8 +329,9 @@ class WhisperDistillationTask(WhisperTask):
                 hidden = self.forward(batch["features"], batch["inputs"], hidden_states=True).encoder_hidden_states
                 points.append(valid_points([hidden[layer] for layer in self.student_layers],
                                            frames_of_speech(hidden, batch)))
-            reference = self.heads["teachers"][0].map_layers(F.normalize(points[0].float(), dim=-1))
+            reference = self.heads["teachers"][0].map_layers(F.normalize(points[0], dim=-1))
             for index, own in enumerate(points[1:]):
+                # packed teacher points are float32; the student's states are in its own dtype
                 crosses[index] = crosses[index] + torch.einsum("lnD,lnd->lDd", reference,
                                                                F.normalize(own.float(), dim=-1))
         self.student.train(was_training)

@@ -252,6 +252,24 @@ def test_student_top_and_tail_logprobs_match_autograd_even_for_tiny_tails(monkey
     torch.testing.assert_close(again, want_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("block_elements", [2**20, 40])
+def test_student_top_and_tail_logprobs_of_selected_rows_read_in_place(monkeypatch, block_elements):
+    """With ``rows`` the function equals itself on those rows copied out, and its gradient is the whole
+    logits' (zero on the rows not read), in the first backward and in a recomputing second one."""
+    monkeypatch.setattr(sparse, "ROW_BLOCK_ELEMENTS", block_elements)
+    logits = (random_logits(6, 40, seed=33).double() * 4).requires_grad_(True)
+    rows = torch.tensor([4, 0, 2])
+    indices = logits.detach()[rows].topk(3, dim=-1).indices
+    got, want = sparse.topk_and_tail_logprobs(logits, indices, rows), _tail_reference(logits[rows], indices)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    (want_grad,) = torch.autograd.grad(want, logits, upstream)
+    assert want_grad[[1, 3, 5]].abs().sum() == 0 and want_grad[rows].abs().sum() > 0
+    for _ in range(2):
+        (got_grad,) = torch.autograd.grad(got, logits, upstream, retain_graph=True)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_an_empty_student_tail_is_floored_and_passes_no_gradient():
     logits = random_logits(2, 6, seed=32).double().requires_grad_(True)
     indices = torch.stack([torch.randperm(6, generator=torch.Generator().manual_seed(s)) for s in range(2)])

@@ -14,7 +14,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from kdforge.losses.sparse import TailRule, Teacher, category_logprobs, teacher_leading_shape, teacher_rows
+from kdforge.losses.sparse import (TailRule, Teacher, TopKTeacher, category_logprobs, teacher_leading_shape,
+                                   teacher_rows)
 
 
 #: Elements per chunk on the bounded-memory path: 16 MiB per float32 temporary, so a chunk's ~10
@@ -94,14 +95,15 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 
 def _weighted_divergence_sum(
     divergence: Divergence,
-    student_rows: Tensor,
+    student_logits: Tensor,
     teacher: Teacher,
     weights: Tensor | None,
     temperature: float,
     tail: TailRule,
+    rows: Tensor | None = None,
 ) -> Tensor:
-    """``sum_t T**2 * w_t * D_t`` over the given rows (a scalar)."""
-    student_logp, teacher_logp = category_logprobs(student_rows, teacher, temperature, tail)
+    """``sum_t T**2 * w_t * D_t`` over the ``rows`` of ``(N, V)`` student logits (all when None; a scalar)."""
+    student_logp, teacher_logp = category_logprobs(student_logits, teacher, temperature, tail, rows)
     per_position = divergence(student_logp, teacher_logp)
     if weights is not None:
         per_position = per_position * weights.to(per_position.dtype)
@@ -169,7 +171,9 @@ def objective_loss(
         tail: missing-mass rule for a sparse teacher (see :mod:`kdforge.losses.sparse`).
         chunk_size: if set, positions are processed this many at a time with the student's
             gradient built per chunk (peak memory near one float32 logits tensor); the teacher
-            then receives no gradient.
+            then receives no gradient. A sparse teacher under the ``"bucket"`` rule needs no
+            chunks: its student side is computed in row blocks with that peak anyway
+            (:func:`~kdforge.losses.sparse.topk_and_tail_logprobs`), so chunk_size is only checked.
         position_weights: ``(...)`` optional per-position weights ``w_t``.
 
     Returns:
@@ -188,11 +192,15 @@ def objective_loss(
         chunk_teacher = teacher_rows(teacher, row_selector(rows, part))
         return _weighted_divergence_sum(divergence, student_rows, chunk_teacher, chunk_weights, temperature, tail)
 
-    if chunk_size is None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(teacher, TopKTeacher) and tail == "bucket":
+        # the valid rows read in place: selecting them would cost a backward as slow as the term itself
+        total = _weighted_divergence_sum(divergence, student_flat, teacher_rows(teacher, row_selector(rows)),
+                                         weights, temperature, tail, rows)
+    elif chunk_size is None:
         # Every row valid: the rows themselves, since a full slice's backward would copy the gradient.
         total = compute_chunk(student_flat if rows is None else student_flat[rows], slice(None))
     else:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         total = _ChunkedSum.apply(student_flat, rows, chunk_size, compute_chunk)
     return total / max(row_count(leading, rows), 1)

@@ -107,27 +107,45 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
     gradient and ``G`` its row sum: ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids and
     ``g_i - e_j G / Z`` at the i-th id. Keeping ``e`` holds one logits-sized buffer from the forward
     to the backward, which a gradient needs anyway; without one, ``e`` lives a block at a time.
+
+    With ``rows``, each block of the selected rows is copied out of the logits and its ``e`` written
+    into those rows of the buffer, whose other rows are zero: the buffer is the gradient of the whole
+    ``(N, V)`` logits, so no selection's backward (an index-add into a zero tensor, as slow on the
+    CPU as the rest of this function together) ever runs.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, indices: Tensor) -> Tensor:
-        maxes, outside = (torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device) for _ in range(2))
+    def forward(ctx, logits: Tensor, indices: Tensor, rows: Tensor | None) -> Tensor:
+        count = indices.shape[0]
+        maxes, outside = (torch.empty(count, dtype=logits.dtype, device=logits.device) for _ in range(2))
         at_ids = torch.empty(indices.shape, dtype=logits.dtype, device=logits.device)
         exponentials = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        if exponentials is not None and rows is not None:
+            unread = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device).index_fill_(0, rows, False)
+            exponentials.index_fill_(0, unread.nonzero().squeeze(1), 0.0)
         block = max(1, ROW_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
-        for start in range(0, logits.shape[0], block):
+        for start in range(0, count, block):
             part = slice(start, start + block)
-            rows, ids = logits[part], indices[part]
-            row_max = rows.amax(-1, keepdim=True)
-            kept = None if exponentials is None else exponentials[part]
-            shifted = torch.sub(rows, row_max, out=kept).exp_()
+            ids = indices[part]
+            if rows is None:
+                block_rows = logits[part]
+                row_max = block_rows.amax(-1, keepdim=True)
+                kept = None if exponentials is None else exponentials[part]
+                shifted = torch.sub(block_rows, row_max, out=kept).exp_()
+            else:
+                block_rows = logits.index_select(0, rows[part])
+                row_max = block_rows.amax(-1, keepdim=True)
+                shifted = block_rows.sub_(row_max).exp_()
             at_ids[part] = shifted.gather(-1, ids)
             outside[part] = shifted.scatter_(-1, ids, 0.0).sum(-1)
             maxes[part] = row_max.squeeze(-1)
+            if rows is not None and exponentials is not None:
+                exponentials.index_copy_(0, rows[part], shifted)
         total = outside + at_ids.sum(-1)
-        top = logits.gather(-1, indices) - (maxes + total.log()).unsqueeze(-1)
+        at_logits = logits.gather(-1, indices) if rows is None else logits[rows.unsqueeze(-1), indices]
+        top = at_logits - (maxes + total.log()).unsqueeze(-1)
         tail = outside.log() - total.log()
-        ctx.save_for_backward(logits, indices, maxes, at_ids, total, outside, tail > LOG_FLOOR)
+        ctx.save_for_backward(logits, indices, rows, maxes, at_ids, total, outside, tail > LOG_FLOOR)
         # Held as a plain attribute: the first backward consumes the buffer as its gradient.
         ctx.exponentials = exponentials
         tail = tail.clamp(min=LOG_FLOOR)  # an empty tail (k = V), constant to the gradient
@@ -136,43 +154,57 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        logits, indices, maxes, at_ids_exp, total, outside, tail_kept = ctx.saved_tensors
+        logits, indices, rows, maxes, at_ids_exp, total, outside, tail_kept = ctx.saved_tensors
         exponentials, ctx.exponentials = ctx.exponentials, None
         if exponentials is None:  # a second backward (retain_graph): recompute what the first consumed
-            exponentials = (logits - maxes.unsqueeze(-1)).exp_()
+            selected = logits if rows is None else logits.index_select(0, rows)
+            shifted = (selected - maxes.unsqueeze(-1)).exp_()
+            exponentials = shifted if rows is None else torch.zeros_like(logits).index_copy_(0, rows, shifted)
         grad_top = grad[:, :-1]
         grad_tail = torch.where(tail_kept, grad[:, -1], torch.zeros_like(outside))
         per_mass = (grad_top.sum(-1) + grad_tail) / total
         tail_share = grad_tail / outside.clamp(min=torch.finfo(outside.dtype).tiny)
         at_ids = grad_top - at_ids_exp * per_mass.unsqueeze(-1)
-        return exponentials.mul_((tail_share - per_mass).unsqueeze(-1)).scatter_(-1, indices, at_ids), None
+        if rows is None:
+            return exponentials.mul_((tail_share - per_mass).unsqueeze(-1)).scatter_(-1, indices, at_ids), None, None
+        # the unread rows are zero, and stay zero under any factor
+        factor = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        exponentials.mul_(factor.index_copy_(0, rows, tail_share - per_mass).unsqueeze(-1))
+        flat_ids = (rows.unsqueeze(-1) * logits.shape[-1] + indices).flatten()
+        exponentials.view(-1).index_copy_(0, flat_ids, at_ids.flatten())
+        return exponentials, None, None
 
 
-def topk_and_tail_logprobs(logits: Tensor, indices: Tensor) -> Tensor:
+def topk_and_tail_logprobs(logits: Tensor, indices: Tensor, rows: Tensor | None = None) -> Tensor:
     """A student's log-probabilities at a sparse teacher's ids and of the mass outside them.
 
     Args:
-        logits: ``(n, V)`` float32 or wider.
+        logits: ``(N, V)`` float32 or wider.
         indices: ``(n, k)`` int64, distinct ids per row.
+        rows: ``(n,)`` int64, distinct: the rows of ``logits`` that ``indices`` belong to, read in
+            place (the gradient is zero on the others); None: every row, ``n = N``.
 
     Returns:
         ``(n, k + 1)``: ``log softmax(logits)`` at the ids, then ``log(1 - their total)``, computed
         from the tail's own entries (exact for small tails), floored at :data:`LOG_FLOOR`.
     """
-    return _TopKAndTailLogprobs.apply(logits, indices)
+    return _TopKAndTailLogprobs.apply(logits, indices, rows)
 
 
 def category_logprobs(
-    student_logits: Tensor, teacher: Teacher, temperature: float, tail: TailRule
+    student_logits: Tensor, teacher: Teacher, temperature: float, tail: TailRule, rows: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities over the same categories, in float32 or wider.
 
     Args:
-        student_logits: ``(n, V)`` student logits of n positions.
+        student_logits: ``(N, V)`` student logits.
         teacher: ``(n, V)`` dense teacher logits, or a :class:`TopKTeacher` of n positions.
         temperature: both distributions are softmax(logits / temperature) (``"bucket"``: over
             the k + 1 categories, see the module docstring).
         tail: the rule for a sparse teacher's missing mass (module docstring).
+        rows: ``(n,)`` int64, distinct: the student's rows that the teacher's n positions are;
+            None: all of them, ``n = N``. Under ``"bucket"`` they are read in place
+            (:func:`topk_and_tail_logprobs`); otherwise copied out.
 
     Returns:
         ``(student_logprobs, teacher_logprobs)``, each ``(n, C)``, floored at :data:`LOG_FLOOR`;
@@ -180,6 +212,8 @@ def category_logprobs(
     """
     # Softmax over a large vocabulary in bf16 loses the tail; upcast once, here.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    if rows is not None and not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
+        student_logits = student_logits[rows]
     if not isinstance(teacher, TopKTeacher):
         teacher_logp = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
         student_logp = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
@@ -195,7 +229,7 @@ def category_logprobs(
             [teacher.logprobs.to(dtype), teacher.tail_logprob.to(dtype).unsqueeze(-1)], dim=-1
         )
         teacher_logp = torch.log_softmax(teacher_categories / temperature, dim=-1)
-        student_categories = topk_and_tail_logprobs(student_logits.to(dtype), teacher.indices)
+        student_categories = topk_and_tail_logprobs(student_logits.to(dtype), teacher.indices, rows)
         student_logp = torch.log_softmax(student_categories / temperature, dim=-1)
     else:
         raise ValueError(f"unknown tail rule {tail!r}; expected 'bucket' or 'renormalize'")

@@ -421,3 +421,32 @@ def test_procrustes_maps_make_the_teachers_and_a_fixed_student_agree_with_the_fi
         cosine = {task: float((reference * maps[task].map_layers(units)).sum(-1).mean()) for task in maps}
         assert cosine[fitted] > cosine[seeded] + 0.1, side
     assert list(fitted.heads.parameters()) == [] and "teachers.1.maps" in fitted.heads.state_dict()
+
+
+def test_procrustes_fits_the_fixed_student_decoder_maps_to_the_first_decoder_teachers_tokens(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, tmp_path, token_cache_dir):
+    from torch.nn import functional as F
+
+    from kdforge.tasks.asr_distill import WhisperDistillationTask, valid_points
+
+    def task_with(teacher_map: str) -> WhisperDistillationTask:
+        alignment = {"teacher_map": teacher_map, "projection": "fixed", "decoder_layers": [0, 1]}
+        return WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, token_cache_dir,
+                                                      alignment=alignment), tmp_path)
+
+    seeded, fitted = task_with("fixed"), task_with("procrustes")
+    assert [t.label for t in fitted.decoder_mapped] == ["wide"]  # the only teacher with a decoder: the reference
+    batch = fitted.batch(list(range(len(fitted.ids))))
+    fitted.student.eval()
+    with torch.no_grad():
+        hidden = fitted.forward(batch["features"], batch["inputs"], hidden_states=True).decoder_hidden_states
+    units = F.normalize(valid_points([hidden[layer] for layer in (0, 1)], batch["target_mask"]), dim=-1)
+    reference = seeded.heads["decoder_teachers"][0].map_layers(F.normalize(batch["decoder/wide"], dim=-1))
+    # the reference keeps its seeded maps
+    assert torch.equal(fitted.heads["decoder_teachers"][0].maps, seeded.heads["decoder_teachers"][0].maps)
+    cross = torch.einsum("lnD,lnd->lDd", reference, units)
+    maps = {task: task.heads["decoder_student"].layers for task in (seeded, fitted)}
+    torch.testing.assert_close((maps[fitted].maps * cross).sum((-2, -1)), torch.linalg.svdvals(cross).sum(-1),
+                               atol=1e-3, rtol=1e-4)
+    cosine = {task: float((reference * maps[task].map_layers(units)).sum(-1).mean()) for task in maps}
+    assert cosine[fitted] > cosine[seeded] + 0.1

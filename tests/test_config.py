@@ -32,8 +32,6 @@ def with_change(change):
     (lambda r: r.update(teachers=[]), "the objective distils from teachers, but 'teachers' is empty"),
     (lambda r: r.update(objective={"name": "none"}), "no loss term is active"),
     (lambda r: r.update(objective={"name": "none", "rlkd": {"weight": 0}}), "no loss term is active"),
-    (lambda r: r.update(task="asr", alignment={"teacher_map": "procrustes", "decoder_layers": [1]}),
-     "teacher_map procrustes fits the maps of encoder frames only; leave decoder_layers empty"),
 ])
 def test_problems_are_one_line_naming_the_key(change, message):
     with pytest.raises(KdforgeError) as error:

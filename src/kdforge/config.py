@@ -187,7 +187,7 @@ class AlignmentConfig(StrictModel):
         "fixed", description="Teacher side: fixed seeded semi-orthogonal maps; 'procrustes': fixed maps fitted "
         "once before training (orthogonal Procrustes on the cached states of the first 64 training utterances) "
         "so that every teacher's points, and the student's with projection fixed, agree with the first mapped "
-        "teacher's, which keeps its seeded maps (encoder frames only); 'learned' (an ablation, with "
+        "teacher's, which keeps its seeded maps (frames and, with decoder_layers, tokens, each on their own); 'learned' (an ablation, with "
         "infonce_weight); 'identity' (a teacher as wide as dim, as TextBrewer-style hidden MSE).")
     infonce_weight: float = Field(0.1, ge=0, description="Anti-collapse InfoNCE term's weight with teacher_map learned.")
     normalize: bool = Field(True, description="Map every point onto the unit sphere.")
@@ -198,12 +198,6 @@ class AlignmentConfig(StrictModel):
     resample: Literal["linear", "pool"] = Field("linear", description="How a teacher with another frame rate "
                                                 "(or tokenization) is brought to the student's length.")
     seed: int = Field(0, description="Seed of the fixed maps (teachers', and the student's with projection fixed).")
-
-    @model_validator(mode="after")
-    def _procrustes_fits_frames_only(self) -> "AlignmentConfig":
-        if self.teacher_map == "procrustes" and self.decoder_layers:
-            raise ValueError("teacher_map procrustes fits the maps of encoder frames only; leave decoder_layers empty")
-        return self
 
 
 class CacheConfig(StrictModel):

@@ -301,42 +301,54 @@ class WhisperDistillationTask(WhisperTask):
 
     @torch.no_grad()
     def _fit_maps_to_reference(self) -> None:
-        """``alignment.teacher_map: procrustes``: the fixed maps of every mapped teacher but the first (the
+        """``alignment.teacher_map: procrustes``: in each group of points (encoder frames; decoder tokens
+        with ``decoder_layers``), the fixed maps of every mapped teacher but the group's first (the
         reference, which keeps its seeded ones), and the student's with ``projection: fixed``, become
-        the isometries that best carry its unit points onto the reference's mapped unit points
-        (:func:`~kdforge.alignment.procrustes_map`), over the frames of speech of the first
+        the isometries that best carry their unit points onto the reference's mapped unit points
+        (:func:`~kdforge.alignment.procrustes_map`), over the points of the first
         :data:`PROCRUSTES_UTTERANCES` training utterances (the student's as initialised).
 
         Independently seeded maps send the teachers' points for one frame in unrelated directions, so
         their sum or centroid gives the student no common target (docs/results-asr.md); these maps make
         the teachers agree as far as a rotation of each one's states can (a map is unique only up to the
         directions the reference's points do not span, e.g. for a teacher wider than it). The fit pairs unit
-        points frame by frame, whatever ``pointwise`` and ``normalize`` say. Checkpoints keep trainable
+        points one by one, whatever ``pointwise`` and ``normalize`` say. Checkpoints keep trainable
         weights only: a resumed run (or another rank) fits the same maps again from the same utterances.
         """
         fit_student = self.config.alignment.projection == "fixed"
-        refitted = [*self.heads["teachers"][1:], *([self.heads["student"].layers] if fit_student else [])]
-        if not refitted:  # one mapped teacher and learned student projections: nothing to agree with
+        groups = [("", self.mapped, "hidden", self.student_layers)]
+        if self.decoder_layers:
+            groups.append(("decoder_", self.decoder_mapped, "decoder", self.decoder_layers))
+        refitted = {group: [*self.heads[f"{group}teachers"][1:], *([self.heads[f"{group}student"].layers]
+                                                                    if fit_student else [])]
+                    for group, *_ in groups}
+        if not any(refitted.values()):  # one mapped teacher per group and learned student projections
             return
-        crosses = [0.0] * len(refitted)
+        crosses = {group: [0.0] * len(maps) for group, maps in refitted.items()}
         count, size = min(PROCRUSTES_UTTERANCES, len(self.ids)), self.config.training.batch_size
         was_training = self.student.training
         self.student.eval()
         for start in range(0, count, size):
             batch = self.batch(list(range(start, min(start + size, count))))
-            points = [batch[f"hidden/{t.label}"] for t in self.mapped]  # raw: nothing is premapped here
-            if fit_student:
-                hidden = self.forward(batch["features"], batch["inputs"], hidden_states=True).encoder_hidden_states
-                points.append(valid_points([hidden[layer] for layer in self.student_layers],
-                                           frames_of_speech(hidden, batch)))
-            reference = self.heads["teachers"][0].map_layers(F.normalize(points[0], dim=-1))
-            for index, own in enumerate(points[1:]):
-                # packed teacher points are float32; the student's states are in its own dtype
-                crosses[index] = crosses[index] + torch.einsum("lnD,lnd->lDd", reference,
-                                                               F.normalize(own.float(), dim=-1))
+            output = self.forward(batch["features"], batch["inputs"], hidden_states=True) if fit_student else None
+            for group, teachers, key, layers in groups:
+                points = [batch[f"{key}/{t.label}"] for t in teachers]  # raw: nothing is premapped here
+                if fit_student:
+                    if group:
+                        states, valid = output.decoder_hidden_states, batch["target_mask"]
+                    else:
+                        states = output.encoder_hidden_states
+                        valid = frames_of_speech(states, batch)
+                    points.append(valid_points([states[layer] for layer in layers], valid))
+                reference = self.heads[f"{group}teachers"][0].map_layers(F.normalize(points[0], dim=-1))
+                for index, own in enumerate(points[1:]):
+                    # packed teacher points are float32; the student's states are in its own dtype
+                    crosses[group][index] = crosses[group][index] + torch.einsum(
+                        "lnD,lnd->lDd", reference, F.normalize(own.float(), dim=-1))
         self.student.train(was_training)
-        for maps, cross in zip(refitted, crosses):
-            maps.maps.copy_(procrustes_map(cross))
+        for group, maps in refitted.items():
+            for fitted, cross in zip(maps, crosses[group]):
+                fitted.maps.copy_(procrustes_map(cross))
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
         """:meth:`WhisperTask.batch` plus the teachers' cached signals for these utterances.

@@ -18,9 +18,11 @@ def test_quick_run_reports_every_metric_from_its_measurements(tmp_path, monkeypa
 
     # the launch itself is tested in test_distributed.py; here, that a failed one spares the other metrics
     monkeypatch.setattr(perf, "ddp_samples_per_second", no_launcher)
-    report = perf.run(tmp_path / "out", quick=True, command="kdforge bench perf --quick", configs=CONFIGS)
+    report = perf.run(tmp_path / "out", quick=True, command="kdforge bench perf --quick", configs=CONFIGS,
+                      step_repeats=3)
 
     assert set(perf.METRICS) <= set(report)
+    assert report["steps"]["repeats"] == report["plan"]["step_repeats"] == 3  # the quick plan's 2, overridden
     assert report["ddp_2proc_throughput_ratio"] is None and "torchrun is not there" in report["ddp"]["error"]
     seconds = report["steps"]["seconds"]
     assert all(value > 0 for value in seconds.values())

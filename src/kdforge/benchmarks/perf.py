@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -274,7 +274,7 @@ def recognition_throughput(student: Path, teachers: dict[str, Path], data: str, 
 
 
 def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench perf",
-        configs: str | Path = "configs", student: str | Path | None = None) -> dict:
+        configs: str | Path = "configs", student: str | Path | None = None, step_repeats: int | None = None) -> dict:
     """Measure every metric of the module docstring; write ``out_dir/perf.json`` and ``perf.md``.
 
     Args:
@@ -282,6 +282,8 @@ def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench 
         configs: the repository's configs folder (the ASR recipe, ``tiny-asr.yaml``, ``tiny-lm.yaml``).
         student: a trained student folder to decode for the throughput ratio; by default the recipe's
             student as built, untrained.
+        step_repeats: timed steps per task (their median), instead of the plan's (20; quick: 2): the
+            step ratios of one code move by a few hundredths between runs of 20.
 
     Raises:
         KdforgeError: a configs folder without the recipe's configs, or bad models or data.
@@ -291,6 +293,8 @@ def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench 
     from kdforge.tasks.asr import WhisperTask
 
     out_dir, configs, plan = Path(out_dir), Path(configs), QUICK if quick else FULL
+    if step_repeats is not None:
+        plan = replace(plan, step_repeats=step_repeats)
     if student is not None:
         model_type_of(student)  # a wrong folder fails now, not after the other metrics' minutes
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -171,11 +171,14 @@ def bench_perf(
     configs: Path = typer.Option(Path("configs"), help="The repository's configs folder (asr/, tiny-asr.yaml, tiny-lm.yaml)."),
     student: Path = typer.Option(None, help="A trained student folder to decode for the throughput ratio "
                                  "(default: the recipe's student, untrained)."),
+    step_repeats: int = typer.Option(None, min=1, help="Timed training steps per task, their median taken "
+                                     "(default 20; --quick: 2)."),
 ) -> None:
     """Step, cache, data-parallel, memory and decoding costs as ratios measured in one run (about 15 min)."""
     from kdforge.benchmarks import perf
 
     command = " ".join(["kdforge bench perf", f"--out {out}"] + (["--quick"] if quick else [])
-                       + ([f"--student {student}"] if student else []))
-    report = perf.run(out, quick=quick, command=command, configs=configs, student=student)
+                       + ([f"--student {student}"] if student else [])
+                       + ([f"--step-repeats {step_repeats}"] if step_repeats else []))
+    report = perf.run(out, quick=quick, command=command, configs=configs, student=student, step_repeats=step_repeats)
     typer.echo(perf.to_markdown(report))

@@ -270,6 +270,19 @@ def test_student_top_and_tail_logprobs_of_selected_rows_read_in_place(monkeypatc
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "dense"])
+def test_category_logprobs_of_selected_rows_equal_those_of_the_rows_copied_out(tail):
+    logits = random_logits(6, 12, seed=34).double()
+    rows = torch.tensor([5, 1, 2])
+    dense_teacher = random_logits(3, 12, seed=35).double()
+    teacher = dense_teacher if tail == "dense" else TopKTeacher.from_logits(dense_teacher, 4)
+    rule = "bucket" if tail == "dense" else tail
+    got = sparse.category_logprobs(logits, teacher, 2.0, rule, rows)
+    want = sparse.category_logprobs(logits[rows], teacher, 2.0, rule)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_an_empty_student_tail_is_floored_and_passes_no_gradient():
     logits = random_logits(2, 6, seed=32).double().requires_grad_(True)
     indices = torch.stack([torch.randperm(6, generator=torch.Generator().manual_seed(s)) for s in range(2)])

@@ -187,8 +187,9 @@ class AlignmentConfig(StrictModel):
         "fixed", description="Teacher side: fixed seeded semi-orthogonal maps; 'procrustes': fixed maps fitted "
         "once before training (orthogonal Procrustes on the cached states of the first 64 training utterances) "
         "so that every teacher's points, and the student's with projection fixed, agree with the first mapped "
-        "teacher's, which keeps its seeded maps (frames and, with decoder_layers, tokens, each on their own); 'learned' (an ablation, with "
-        "infonce_weight); 'identity' (a teacher as wide as dim, as TextBrewer-style hidden MSE).")
+        "teacher's, which keeps its seeded maps (frames and, with decoder_layers, tokens, each on their own); "
+        "'learned' (an ablation, with infonce_weight); 'identity' (a teacher as wide as dim, as TextBrewer-style "
+        "hidden MSE).")
     infonce_weight: float = Field(0.1, ge=0, description="Anti-collapse InfoNCE term's weight with teacher_map learned.")
     normalize: bool = Field(True, description="Map every point onto the unit sphere.")
     point_loss: Literal["geodesic", "cosine", "mse"] = Field("geodesic", description="Distance between matched points.")

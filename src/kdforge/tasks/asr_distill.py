@@ -334,9 +334,9 @@ class WhisperDistillationTask(WhisperTask):
             for group, teachers, key, layers in groups:
                 points = [batch[f"{key}/{t.label}"] for t in teachers]  # raw: nothing is premapped here
                 if fit_student:
-                    if group:
+                    if key == "decoder":  # the target tokens, as _token_lppm maps them
                         states, valid = output.decoder_hidden_states, batch["target_mask"]
-                    else:
+                    else:  # the frames of speech, as _lppm maps them
                         states = output.encoder_hidden_states
                         valid = frames_of_speech(states, batch)
                     points.append(valid_points([states[layer] for layer in layers], valid))

@@ -327,6 +327,38 @@ def test_lppm_leaves_a_learned_teacher_map_attached():
     assert teacher.grad is not None and teacher.grad[:, :, mask].abs().sum() > 0
 
 
+def test_point_cosines_have_the_gradient_of_normalising_first_for_student_and_teachers():
+    from kdforge.alignment.loss import point_cosines
+
+    generator = torch.Generator().manual_seed(40)
+    student = torch.randn(2, 5, 6, dtype=torch.float64, generator=generator)
+    teachers = [torch.randn(2, 5, 6, dtype=torch.float64, generator=generator) for _ in range(3)]
+    student[0, 1] = 0.0  # a zero point: cosine 0, as F.normalize's floor makes it
+    teachers[1][1, 2] = 0.0
+    student.requires_grad_()
+    teachers[2].requires_grad_()  # a learned teacher map's points receive their gradient too
+    got = point_cosines(student, teachers)
+    want = torch.stack([(F.normalize(student, dim=-1) * F.normalize(t, dim=-1)).sum(-1) for t in teachers])
+    torch.testing.assert_close(got, want)
+    assert got[:, 0, 1].abs().max() == 0 and got[1, 1, 2] == 0
+    upstream = torch.randn(got.shape, dtype=torch.float64, generator=generator)
+    got_grads = torch.autograd.grad(got, [student, teachers[2]], upstream)
+    want_grads = torch.autograd.grad(want, [student, teachers[2]], upstream)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad)
+    assert got_grads[0][0, 1].abs().sum() > 0  # a zero student point still gets the clamped norm's gradient
+
+
+def test_lppm_of_teachers_given_apart_equals_that_of_them_stacked():
+    student, teacher, mask = lppm_inputs()
+    weights = torch.tensor([1.0, 2.0, 5.0])
+    for target in ("sum", "centroid"):
+        for point_loss in ("geodesic", "mse"):
+            stacked = lppm_loss(student, teacher, mask, weights, target, point_loss)
+            apart = lppm_loss(student, list(teacher), mask, weights, target, point_loss)
+            assert apart.item() == stacked.item()
+
+
 def test_lppm_rejects_mismatched_shapes():
     student, teacher, mask = lppm_inputs()
     with pytest.raises(ValueError, match="do not match"):

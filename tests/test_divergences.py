@@ -270,6 +270,42 @@ def test_student_top_and_tail_logprobs_of_selected_rows_read_in_place(monkeypatc
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [None, [4, 0, 2]])
+def test_label_logprobs_come_from_the_same_pass_with_the_gradient_of_both_outputs(rows):
+    """The labels' log-probabilities beside the k + 1 categories equal a log-softmax's, and one backward
+    gives the gradient of both outputs together, for a label among the ids (rows 0, 4) and outside them."""
+    logits = (random_logits(6, 40, seed=36).double() * 4).requires_grad_(True)
+    rows = None if rows is None else torch.tensor(rows)
+    read = logits.detach() if rows is None else logits.detach()[rows]
+    indices = read.topk(3, dim=-1).indices
+    labels = read.argsort(-1)[:, 0]  # the least probable token: never among the ids
+    labels[0] = indices[0, 1]
+    if rows is not None:
+        labels[1] = indices[1, 0]
+    got_categories, got_labels = sparse.topk_tail_and_label_logprobs(logits, indices, labels, rows)
+    selected = logits if rows is None else logits[rows]
+    want_categories = _tail_reference(selected, indices)
+    want_labels = torch.log_softmax(selected, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got_categories, want_categories, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_labels, want_labels, rtol=1e-10, atol=1e-10)
+    generator = torch.Generator().manual_seed(5)
+    upstream = torch.randn(got_categories.shape, dtype=torch.float64, generator=generator)
+    label_upstream = torch.randn(got_labels.shape, dtype=torch.float64, generator=generator)
+    (want_grad,) = torch.autograd.grad((want_categories * upstream).sum() + (want_labels * label_upstream).sum(), logits)
+    for _ in range(2):  # the second backward recomputes the exponentials the first consumed
+        (got_grad,) = torch.autograd.grad((got_categories * upstream).sum() + (got_labels * label_upstream).sum(),
+                                          logits, retain_graph=True)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_categories_computed_in_advance_need_a_sparse_teacher_under_the_bucket_rule():
+    logits, dense_teacher = random_logits(3, 12, seed=37), random_logits(3, 12, seed=38)
+    categories = sparse.topk_and_tail_logprobs(logits, TopKTeacher.from_logits(dense_teacher, 4).indices)
+    for teacher, tail in ((dense_teacher, "bucket"), (TopKTeacher.from_logits(dense_teacher, 4), "renormalize")):
+        with pytest.raises(ValueError, match="bucket rule"):
+            forward_kl(logits, teacher, tail=tail, student_categories=categories)
+
+
 @pytest.mark.parametrize("tail", ["bucket", "renormalize", "dense"])
 def test_category_logprobs_of_selected_rows_equal_those_of_the_rows_copied_out(tail):
     logits = random_logits(6, 12, seed=34).double()

@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kdforge.losses import TopKTeacher, exact_topk_union, forward_kl, rlkd_loss, rlkd_ranking_loss, soft_rank, topk_overlap
+from kdforge.losses import ranking
 from kdforge.losses.ranking import isotonic_decreasing, topk_indices
 
 import reference
@@ -235,3 +236,35 @@ def test_block_topk_finds_the_same_ids_as_a_full_topk(vocab_size):
     tied = torch.zeros(4, vocab_size)
     tied[:, ::1000] = 1.0
     assert torch.equal(tied.gather(-1, topk_indices(tied, 15)), tied.topk(15, dim=-1).values)
+
+
+@pytest.mark.parametrize("teacher_kind", ["top-k bucket", "top-k renormalize", "dense"])
+@pytest.mark.parametrize("rank_weight", [0.0, 2.0])
+def test_the_labels_term_inside_rlkd_equals_cross_entropy_beside_it(monkeypatch, teacher_kind, rank_weight):
+    """Under a top-k teacher with the bucket rule the labels' cross-entropy shares the base objective's
+    softmax; otherwise it is computed apart. Either way the total, its parts and the gradient are those
+    of the cross-entropy added to the loss without labels."""
+    from kdforge.losses.reduction import masked_mean, token_nll
+
+    hidden = random_logits(2, 6, 40, seed=21).double().requires_grad_()
+    dense = random_logits(2, 5, 40, seed=22).double()
+    teacher = dense if teacher_kind == "dense" else TopKTeacher.from_logits(dense, 6)
+    options = dict(temperature=2.0, tail=teacher_kind.split()[-1]) if teacher_kind != "dense" else dict(temperature=2.0)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    labels = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(6))
+    labels[0, :2] = dense[0, :2].argmax(-1)  # among the teacher's ids
+    if teacher_kind == "top-k bucket":  # no log-softmax of its own: the labels are read in the objective's pass
+        monkeypatch.setattr(ranking, "token_nll", None)
+    together = rlkd_loss(hidden[:, :-1], teacher, mask, objective=forward_kl, k=4, rank_weight=rank_weight,
+                         labels=labels, label_weight=0.7, **options)
+    (together_grad,) = torch.autograd.grad(together.total, hidden)
+    monkeypatch.undo()
+    without = rlkd_loss(hidden[:, :-1], teacher, mask, objective=forward_kl, k=4, rank_weight=rank_weight, **options)
+    cross_entropy = masked_mean(token_nll(hidden[:, :-1], labels), mask)
+    (apart_grad,) = torch.autograd.grad(without.total + 0.7 * cross_entropy, hidden)
+    torch.testing.assert_close(together.task, cross_entropy)
+    torch.testing.assert_close(together.base, without.base)
+    torch.testing.assert_close(together.total, without.total + 0.7 * cross_entropy)
+    torch.testing.assert_close(together_grad, apart_grad)
+    with pytest.raises(ValueError, match="labels have shape"):
+        rlkd_loss(hidden[:, :-1], teacher, mask, objective=forward_kl, labels=labels[:, :3], label_weight=1.0)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kdforge.losses.ranking import teacher_topk, topk_overlap
-from kdforge.losses.reduction import masked_mean
+from kdforge.losses.reduction import masked_mean, token_nll
 from kdforge.losses.sparse import Teacher
 
 
@@ -32,12 +32,6 @@ def topk_consistency_rate(student_logits: Tensor, teacher_logits: Teacher, k: in
 def topk_overlap_rate(student_logits: Tensor, teacher_logits: Teacher, k: int, mask: Tensor | None = None) -> float:
     """MOR@k: the mean over valid positions of ``|topk_T INTERSECT topk_S| / k``; arguments as CR@k."""
     return float(masked_mean(topk_overlap(student_logits, teacher_logits, k), mask))
-
-
-def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Negative log-likelihood of each target: ``(..., V), (...) int64 -> (...)`` in float32+."""
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def perplexity(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> float:

@@ -1,11 +1,13 @@
 """The LPPM loss and its ensemble target (METHODS.md section 1, "Ensemble target" and "Point loss").
 
 Points arrive already projected into the shared space and resampled to the student's frames: the
-student's ``(L, B, T, D)`` for ``L`` mapped layers, every teacher's ``(M, L, B, T, D)``.
+student's ``(L, B, T, D)`` for ``L`` mapped layers, every teacher's ``(M, L, B, T, D)`` (or M tensors of
+the student's shape, which spares a stacked copy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -39,6 +41,65 @@ def spherical_centroid(points: Tensor, weights: Tensor) -> Tensor:
     return F.normalize((weights * directions).sum(dim=0), dim=-1)
 
 
+class _PointCosines(torch.autograd.Function):
+    """:func:`point_cosines` with its gradient in closed form.
+
+    Autograd through an einsum and two norms builds the student's gradient from a batched product of
+    inner size M, a norm's backward and their sum, each a pass over ``(..., D)`` memory, and needs the
+    teachers stacked first. With ``cos_m = <s, t_m> / (|s| |t_m|)`` and incoming ``g_m``:
+    ``dL/ds = sum_m g_m t_m / (|s| |t_m|) - (sum_m g_m cos_m) s / |s|^2``, one pass per teacher
+    (symmetrically for a teacher that needs a gradient). A norm below :data:`NORM_EPS` is clamped to it
+    as ``F.normalize`` does, and then passes no gradient of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, *teachers: Tensor) -> Tensor:
+        norms = [torch.linalg.vector_norm(points, dim=-1) for points in (student, *teachers)]
+        clamped = [norm.clamp(min=NORM_EPS) for norm in norms]
+        cosines = torch.stack([torch.einsum("...d,...d->...", student, teacher) / (clamped[0] * norm)
+                               for teacher, norm in zip(teachers, clamped[1:])])
+        ctx.save_for_backward(student, cosines, *teachers, *norms)
+        return cosines
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        student, cosines, *rest = ctx.saved_tensors
+        count = len(rest) // 2
+        teachers, norms = rest[:count], rest[count:]
+        student_norm, teacher_norms = norms[0], norms[1:]
+
+        def own_share(values: Tensor, norm: Tensor) -> Tensor:
+            """``-(sum of g cos) / |x|^2`` per point: the part along the point itself (0 when its norm is clamped)."""
+            return torch.where(norm > NORM_EPS, -values / norm.clamp(min=NORM_EPS) ** 2, 0.0).unsqueeze(-1)
+
+        def scaled(grad_m: Tensor, norm: Tensor, other_norm: Tensor) -> Tensor:
+            return (grad_m / (norm.clamp(min=NORM_EPS) * other_norm.clamp(min=NORM_EPS))).unsqueeze(-1)
+
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = student * own_share((grad * cosines).sum(0), student_norm)
+            for grad_m, teacher, norm in zip(grad, teachers, teacher_norms):
+                grad_student.addcmul_(teacher, scaled(grad_m, student_norm, norm))
+        grad_teachers = [teacher * own_share(grad_m * cos_m, norm) + student * scaled(grad_m, student_norm, norm)
+                         if ctx.needs_input_grad[1 + m] else None
+                         for m, (grad_m, cos_m, teacher, norm) in enumerate(zip(grad, cosines, teachers, teacher_norms))]
+        return grad_student, *grad_teachers
+
+
+def point_cosines(student: Tensor, teachers: Sequence[Tensor]) -> Tensor:
+    """Cosine of each student point with each teacher's point at the same place.
+
+    Args:
+        student: ``(..., D)``.
+        teachers: M tensors ``(..., D)`` of the student's shape.
+
+    Returns:
+        ``(M, ...)``; a point of norm 0 has cosine 0 with everything.
+    """
+    return _PointCosines.apply(student, *teachers)
+
+
 def infonce_loss(student_points: Tensor, teacher_points: Tensor, temperature: float = 0.1) -> Tensor:
     """InfoNCE from student to teacher points: the anti-collapse term of a learned teacher map.
 
@@ -66,7 +127,7 @@ def infonce_loss(student_points: Tensor, teacher_points: Tensor, temperature: fl
 
 def lppm_loss(
     student_points: Tensor,
-    teacher_points: Tensor,
+    teacher_points: Tensor | Sequence[Tensor],
     mask: Tensor,
     teacher_weights: Tensor,
     target: Literal["sum", "centroid"] = "sum",
@@ -85,7 +146,8 @@ def lppm_loss(
 
     Args:
         student_points: ``(L, B, T, D)``, ``L`` mapped layers.
-        teacher_points: ``(M, L, B, T, D)``, resampled to the student's ``T``.
+        teacher_points: ``(M, L, B, T, D)``, resampled to the student's ``T``, or M tensors
+            ``(L, B, T, D)``.
         mask: ``(B, T)`` bool, True where the student point counts; the same for every layer.
         teacher_weights: ``(M,)`` non-negative, not all zero.
         target: ``"sum"`` or ``"centroid"``.
@@ -102,44 +164,48 @@ def lppm_loss(
     if point_loss not in POINT_LOSSES:
         raise ValueError(f"point loss must be one of {sorted(POINT_LOSSES)}, got {point_loss!r}")
     layers, batch, length, _ = student_points.shape
-    if teacher_points.dim() != 5 or teacher_points.shape[1:] != student_points.shape:
+    if torch.is_tensor(teacher_points) and teacher_points.dim() != 5:
         raise ValueError(f"teacher points {tuple(teacher_points.shape)} do not match student points "
                          f"{tuple(student_points.shape)} (expected (M, L, B, T, D))")
+    teacher_points = list(teacher_points)  # a stacked tensor's views: no copy
+    if any(points.shape != student_points.shape for points in teacher_points):
+        raise ValueError(f"teacher points {[tuple(points.shape) for points in teacher_points]} do not match "
+                         f"student points {tuple(student_points.shape)} (expected (M, L, B, T, D))")
     if mask.shape != (batch, length) or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a ({batch}, {length}) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-    if teacher_weights.shape != teacher_points.shape[:1]:
-        raise ValueError(f"{tuple(teacher_weights.shape)} teacher weights for {teacher_points.shape[0]} teachers")
+    if teacher_weights.shape != (len(teacher_points),):
+        raise ValueError(f"{tuple(teacher_weights.shape)} teacher weights for {len(teacher_points)} teachers")
     if bool((teacher_weights < 0).any()) or not bool(teacher_weights.sum() > 0):
         raise ValueError(f"teacher weights must be non-negative and not all zero, got {teacher_weights.tolist()}")
     # Float32 at least: half-precision dot products of unit vectors lose the small angles measured here.
     dtype = torch.promote_types(student_points.dtype, torch.float32)
-    student, teachers = student_points.to(dtype), teacher_points.to(dtype)
+    student, teachers = student_points.to(dtype), [points.to(dtype) for points in teacher_points]
     weights = teacher_weights.to(student.device, dtype)
     weights = weights / weights.sum()
     every_layer_mask = mask.expand(layers, batch, length)
     if point_loss in ANGULAR_DISTANCES:
         return _angular_lppm(student, teachers, every_layer_mask, weights, target, ANGULAR_DISTANCES[point_loss])
     if normalize:
-        student, teachers = F.normalize(student, dim=-1), F.normalize(teachers, dim=-1)
+        student, teachers = F.normalize(student, dim=-1), [F.normalize(points, dim=-1) for points in teachers]
     loss = POINT_LOSSES[point_loss]
     if target == "centroid":
-        return loss(student, spherical_centroid(teachers, weights), every_layer_mask)
+        return loss(student, spherical_centroid(torch.stack(teachers), weights), every_layer_mask)
     per_teacher = torch.stack([loss(student, teacher, every_layer_mask) for teacher in teachers])
     return (weights * per_teacher).sum()
 
 
-def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tensor, target: str,
+def _angular_lppm(student: Tensor, teachers: list[Tensor], mask: Tensor, weights: Tensor, target: str,
                   distance) -> Tensor:
     """:func:`lppm_loss` for a point loss of the angle alone, every teacher at once.
 
-    The cosines are one contraction over ``D`` divided by both points' norms, with no normalised
-    copy of either side's points (normalising the student costs more, forward and backward, than the
-    contraction) nor a ``(M, L, B, T, D)`` product; and since every teacher shares the mask, the
-    weighted average of per-teacher means is the mean of the per-point weighted sums.
+    The cosines are contractions over ``D`` divided by both points' norms (:func:`point_cosines`), with
+    no normalised copy of either side's points nor a ``(M, L, B, T, D)`` product; and since every
+    teacher shares the mask, the weighted average of per-teacher means is the mean of the per-point
+    weighted sums.
 
     Args:
         student: ``(L, B, T, D)``.
-        teachers: ``(M, L, B, T, D)``.
+        teachers: M tensors ``(L, B, T, D)``.
         mask: ``(L, B, T)`` bool.
         weights: ``(M,)`` summing to 1.
         target: ``"sum"`` or ``"centroid"``.
@@ -148,10 +214,9 @@ def _angular_lppm(student: Tensor, teachers: Tensor, mask: Tensor, weights: Tens
     Returns:
         A scalar.
     """
-    student_norms = torch.linalg.vector_norm(student, dim=-1).clamp(min=NORM_EPS)  # as F.normalize divides
     if target == "centroid":
-        return masked_mean(distance((student * spherical_centroid(teachers, weights)).sum(-1) / student_norms), mask)
-    teacher_norms = torch.linalg.vector_norm(teachers, dim=-1).clamp(min=NORM_EPS)
-    cosines = torch.einsum("lbtd,mlbtd->mlbt", student, teachers) / (teacher_norms * student_norms)
+        return masked_mean(distance(point_cosines(student, [spherical_centroid(torch.stack(teachers), weights)])[0]),
+                           mask)
+    cosines = point_cosines(student, teachers)
     per_point = (weights.reshape(-1, 1, 1, 1) * distance(cosines)).sum(0)
     return masked_mean(per_point, mask)

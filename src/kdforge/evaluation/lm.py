@@ -11,9 +11,9 @@ from transformers import PreTrainedTokenizerBase
 
 from kdforge.data.arithmetic import extract_answer
 from kdforge.devices import device_of, to_device
-from kdforge.losses.reduction import masked_mean
+from kdforge.losses.reduction import masked_mean, token_nll
 from kdforge.losses.sparse import Teacher, TopKTeacher
-from kdforge.metrics import token_nll, topk_consistency_rate, topk_overlap_rate
+from kdforge.metrics import topk_consistency_rate, topk_overlap_rate
 from kdforge.tasks.lm import Example, Sampling, collate, generate_answers, next_token_logits
 
 #: ``(example indices, collated batch) -> the teacher's distribution`` at the batch's positions.

@@ -21,8 +21,9 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from kdforge.losses.reduction import check_positions, flat_positions, row_count, row_selector, valid_rows
-from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_rows
+from kdforge.losses.reduction import (check_positions, flat_positions, masked_mean, row_count, row_selector,
+                                     token_nll, valid_rows)
+from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_rows, topk_tail_and_label_logprobs
 
 RankOn = Literal["logits", "probs"]
 
@@ -314,11 +315,12 @@ def _ranking_loss(student_logits: Tensor, teacher_logits: Teacher, mask: Tensor 
 
 
 class RankedLoss(NamedTuple):
-    """The combined loss and its two parts (None where a part is switched off)."""
+    """The combined loss and its parts (None where a part is switched off)."""
 
     total: Tensor
     base: Tensor | None
     rank: Tensor | None
+    task: Tensor | None = None
 
 
 def rlkd_loss(
@@ -333,37 +335,52 @@ def rlkd_loss(
     dynamic: bool = False,
     regularization_strength: float = 1.0,
     rank_on: RankOn = "logits",
+    labels: Tensor | None = None,
+    label_weight: float = 0.0,
     **objective_options,
 ) -> RankedLoss:
-    """``base_weight * L_base + rank_weight * L_rank``: any base objective plus the RLKD ranking term.
+    """``base_weight * L_base + rank_weight * L_rank``: any base objective plus the RLKD ranking term,
+    plus ``label_weight * L_task`` (the cross-entropy of ``labels``) when labels are given.
 
     The paper's "+R" results use ``rank_weight = 2`` and ``base_weight = 1``. With ``dynamic=True``
     (paper Eq. 2) each position's base divergence is weighted by its OR@k,
     ``|topk_T INTERSECT topk_S| / k``. ``objective=None`` is the ranking term alone, and
-    ``rank_weight=0`` the base objective alone.
+    ``rank_weight=0`` the base objective alone. The labels' term is here, not beside this function,
+    so that its gradient meets the others' in one buffer; under a sparse teacher with the bucket rule
+    it also shares the base objective's softmax (:func:`~kdforge.losses.sparse.topk_tail_and_label_logprobs`).
 
     Args:
         student_logits, teacher_logits, mask: as for every loss in :mod:`kdforge.losses`.
         objective: a base loss such as :func:`~kdforge.losses.forward_kl`, or None.
         base_weight, rank_weight: the two terms' weights.
         k, dynamic, regularization_strength, rank_on: the ranking term's settings.
+        labels: ``(...)`` int64 reference tokens, or None for no task term.
+        label_weight: the task term's weight.
         **objective_options: passed to the base objective (``temperature``, ``beta``, ``tail``...).
 
     Returns:
-        ``RankedLoss(total, base, rank)``, scalars.
+        ``RankedLoss(total, base, rank, task)``, scalars.
     """
     if objective is None and rank_weight == 0:
         raise ValueError("rlkd_loss needs a base objective or a positive rank_weight")
     weights = objective_options.get("position_weights")
     check_positions(student_logits, teacher_logits, mask, weights)
+    if labels is not None and labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(student_logits.shape[:-1])}")
     # Both terms read one flat (n, V) tensor (a single copy when the logits are a strided slice), so
     # their gradients meet there and the ranking term's sparse one is added into the base's in place.
     flat = _DenseGradient.apply(student_logits.reshape(-1, student_logits.shape[-1]))
     teacher_flat, mask_flat = teacher_rows(teacher_logits, slice(None)), None if mask is None else mask.reshape(-1)
     if weights is not None:
         objective_options["position_weights"] = weights.reshape(-1)
-    base = rank = None
+    base = rank = task = None
     total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
+    if labels is not None:
+        shares_softmax = objective is not None and objective_options.get("tail", "bucket") == "bucket"
+        task, categories = _task_loss(flat, teacher_flat, labels.reshape(-1), mask_flat, shares_softmax)
+        if categories is not None:
+            objective_options["student_categories"] = categories
+        total = total + label_weight * task
     if objective is not None:
         if dynamic:
             objective_options["position_weights"] = topk_overlap(flat, teacher_flat, k)
@@ -371,6 +388,20 @@ def rlkd_loss(
         total = total + base_weight * base
     if rank_weight != 0:
         rank = _ranking_loss(flat, teacher_flat, mask_flat, k, regularization_strength, rank_on,
-                             sparse_gradient=objective is not None)
+                             sparse_gradient=objective is not None or labels is not None)
         total = total + rank_weight * rank
-    return RankedLoss(total, base, rank)
+    return RankedLoss(total, base, rank, task)
+
+
+def _task_loss(flat: Tensor, teacher: Teacher, labels: Tensor, mask: Tensor | None,
+               shares_softmax: bool) -> tuple[Tensor, Tensor | None]:
+    """The labels' mean cross-entropy over the valid rows of ``flat`` ``(n, V)``, and, when it shares the
+    base objective's softmax (``shares_softmax`` and a sparse teacher), the student's categories that
+    objective then reads instead of computing them (:func:`~kdforge.losses.sparse.category_logprobs`)."""
+    rows = valid_rows(flat.shape[:1], mask, flat.device)
+    if not (shares_softmax and isinstance(teacher, TopKTeacher)):
+        return masked_mean(token_nll(flat, labels), mask), None
+    selector = row_selector(rows)
+    categories, label_logprobs = topk_tail_and_label_logprobs(
+        flat.to(torch.promote_types(flat.dtype, torch.float32)), teacher.indices[selector], labels[selector], rows)
+    return -label_logprobs.sum() / max(row_count(flat.shape[:1], rows), 1), categories

@@ -93,6 +93,13 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return selected.sum() / max(row_count(values.shape, rows), 1)
 
 
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Negative log-likelihood of each target (the task term's cross-entropy per position):
+    ``(..., V), (...) int64 -> (...)`` in float32+."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def _weighted_divergence_sum(
     divergence: Divergence,
     student_logits: Tensor,
@@ -101,9 +108,11 @@ def _weighted_divergence_sum(
     temperature: float,
     tail: TailRule,
     rows: Tensor | None = None,
+    student_categories: Tensor | None = None,
 ) -> Tensor:
     """``sum_t T**2 * w_t * D_t`` over the ``rows`` of ``(N, V)`` student logits (all when None; a scalar)."""
-    student_logp, teacher_logp = category_logprobs(student_logits, teacher, temperature, tail, rows)
+    student_logp, teacher_logp = category_logprobs(student_logits, teacher, temperature, tail, rows,
+                                                   student_categories)
     per_position = divergence(student_logp, teacher_logp)
     if weights is not None:
         per_position = per_position * weights.to(per_position.dtype)
@@ -158,6 +167,7 @@ def objective_loss(
     tail: TailRule = "bucket",
     chunk_size: int | None = None,
     position_weights: Tensor | None = None,
+    student_categories: Tensor | None = None,
 ) -> Tensor:
     """Average ``T**2 * w_t * divergence`` over the valid positions.
 
@@ -175,11 +185,17 @@ def objective_loss(
             chunks: its student side is computed in row blocks with that peak anyway
             (:func:`~kdforge.losses.sparse.topk_and_tail_logprobs`), so chunk_size is only checked.
         position_weights: ``(...)`` optional per-position weights ``w_t``.
+        student_categories: ``(n_valid, k + 1)``, the student's side over a sparse teacher's
+            categories at the valid positions, already computed
+            (:func:`~kdforge.losses.sparse.topk_tail_and_label_logprobs`); bucket rule only.
 
     Returns:
         A scalar: 0 with a gradient path when no position is valid, never NaN.
     """
     check_positions(student_logits, teacher, mask, position_weights)
+    bucket = isinstance(teacher, TopKTeacher) and tail == "bucket"
+    if student_categories is not None and not bucket:
+        raise ValueError("student categories computed in advance need a sparse teacher under the bucket rule")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     leading = student_logits.shape[:-1]
@@ -194,10 +210,10 @@ def objective_loss(
 
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if isinstance(teacher, TopKTeacher) and tail == "bucket":
+    if bucket:
         # the valid rows read in place: selecting them would cost a backward as slow as the term itself
         total = _weighted_divergence_sum(divergence, student_flat, teacher_rows(teacher, row_selector(rows)),
-                                         weights, temperature, tail, rows)
+                                         weights, temperature, tail, rows, student_categories)
     elif chunk_size is None:
         # Every row valid: the rows themselves, since a full slice's backward would copy the gradient.
         total = compute_chunk(student_flat if rows is None else student_flat[rows], slice(None))

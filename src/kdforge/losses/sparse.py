@@ -103,10 +103,11 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
     and reads several full-size temporaries each way. Here the forward reads the logits for their
     maximum, writes ``e = exp(x - max)`` once and sums it with the ids zeroed (the tail's mass
     without cancellation); the backward turns that same buffer into the gradient in place, closed
-    form. With ``Z = sum e``, ``O`` the sum outside the ids, ``g`` the incoming ``(n, k + 1)``
-    gradient and ``G`` its row sum: ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids and
-    ``g_i - e_j G / Z`` at the i-th id. Keeping ``e`` holds one logits-sized buffer from the forward
-    to the backward, which a gradient needs anyway; without one, ``e`` lives a block at a time.
+    form. With ``Z = sum e``, ``O`` the sum outside the ids, ``g`` the incoming gradient of the k ids,
+    ``g_tail`` the tail's, ``g_label`` the label's (0 without labels) and ``G`` their sum:
+    ``dL/dx_j = e_j (g_tail / O - G / Z)`` off the ids, ``g_i - e_j G / Z`` at the i-th id, plus
+    ``g_label`` at the label. Keeping ``e`` holds one logits-sized buffer from the forward to the
+    backward, which a gradient needs anyway; without one, ``e`` lives a block at a time.
 
     With ``rows``, each block of the selected rows is copied out of the logits and its ``e`` written
     into those rows of the buffer, whose other rows are zero: the buffer is the gradient of the whole
@@ -115,7 +116,7 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, indices: Tensor, rows: Tensor | None) -> Tensor:
+    def forward(ctx, logits: Tensor, indices: Tensor, rows: Tensor | None, labels: Tensor | None) -> Tensor:
         count = indices.shape[0]
         maxes, outside = (torch.empty(count, dtype=logits.dtype, device=logits.device) for _ in range(2))
         at_ids = torch.empty(indices.shape, dtype=logits.dtype, device=logits.device)
@@ -142,37 +143,44 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
             if rows is not None and exponentials is not None:
                 exponentials.index_copy_(0, rows[part], shifted)
         total = outside + at_ids.sum(-1)
-        at_logits = logits.gather(-1, indices) if rows is None else logits[rows.unsqueeze(-1), indices]
+        read = indices if labels is None else torch.cat([indices, labels.unsqueeze(-1)], dim=-1)
+        at_logits = logits.gather(-1, read) if rows is None else logits[rows.unsqueeze(-1), read]
         top = at_logits - (maxes + total.log()).unsqueeze(-1)
         tail = outside.log() - total.log()
-        ctx.save_for_backward(logits, indices, rows, maxes, at_ids, total, outside, tail > LOG_FLOOR)
+        ctx.save_for_backward(logits, indices, rows, labels, maxes, at_ids, total, outside, tail > LOG_FLOOR)
         # Held as a plain attribute: the first backward consumes the buffer as its gradient.
         ctx.exponentials = exponentials
         tail = tail.clamp(min=LOG_FLOOR)  # an empty tail (k = V), constant to the gradient
-        return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
+        categories = torch.cat([top[:, : indices.shape[1]], tail.unsqueeze(-1)], dim=-1)
+        return categories if labels is None else torch.cat([categories, top[:, -1:]], dim=-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        logits, indices, rows, maxes, at_ids_exp, total, outside, tail_kept = ctx.saved_tensors
+        logits, indices, rows, labels, maxes, at_ids_exp, total, outside, tail_kept = ctx.saved_tensors
         exponentials, ctx.exponentials = ctx.exponentials, None
         if exponentials is None:  # a second backward (retain_graph): recompute what the first consumed
             selected = logits if rows is None else logits.index_select(0, rows)
             shifted = (selected - maxes.unsqueeze(-1)).exp_()
             exponentials = shifted if rows is None else torch.zeros_like(logits).index_copy_(0, rows, shifted)
-        grad_top = grad[:, :-1]
-        grad_tail = torch.where(tail_kept, grad[:, -1], torch.zeros_like(outside))
-        per_mass = (grad_top.sum(-1) + grad_tail) / total
+        k = indices.shape[1]
+        grad_top = grad[:, :k]
+        grad_tail = torch.where(tail_kept, grad[:, k], torch.zeros_like(outside))
+        grad_label = grad[:, k + 1] if labels is not None else None
+        per_mass = (grad_top.sum(-1) + grad_tail + (0 if grad_label is None else grad_label)) / total
         tail_share = grad_tail / outside.clamp(min=torch.finfo(outside.dtype).tiny)
         at_ids = grad_top - at_ids_exp * per_mass.unsqueeze(-1)
+        read_rows = torch.arange(len(indices), device=logits.device) if rows is None else rows
         if rows is None:
-            return exponentials.mul_((tail_share - per_mass).unsqueeze(-1)).scatter_(-1, indices, at_ids), None, None
-        # the unread rows are zero, and stay zero under any factor
-        factor = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        exponentials.mul_(factor.index_copy_(0, rows, tail_share - per_mass).unsqueeze(-1))
-        flat_ids = (rows.unsqueeze(-1) * logits.shape[-1] + indices).flatten()
-        exponentials.view(-1).index_copy_(0, flat_ids, at_ids.flatten())
-        return exponentials, None, None
+            exponentials.mul_((tail_share - per_mass).unsqueeze(-1))
+        else:  # the unread rows are zero, and stay zero under any factor
+            factor = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+            exponentials.mul_(factor.index_copy_(0, rows, tail_share - per_mass).unsqueeze(-1))
+        flat = exponentials.view(-1)
+        flat.index_copy_(0, (read_rows.unsqueeze(-1) * logits.shape[-1] + indices).flatten(), at_ids.flatten())
+        if grad_label is not None:  # added: the label may be one of the ids
+            flat.index_add_(0, read_rows * logits.shape[-1] + labels, grad_label)
+        return exponentials, None, None, None
 
 
 def topk_and_tail_logprobs(logits: Tensor, indices: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -188,11 +196,33 @@ def topk_and_tail_logprobs(logits: Tensor, indices: Tensor, rows: Tensor | None 
         ``(n, k + 1)``: ``log softmax(logits)`` at the ids, then ``log(1 - their total)``, computed
         from the tail's own entries (exact for small tails), floored at :data:`LOG_FLOOR`.
     """
-    return _TopKAndTailLogprobs.apply(logits, indices, rows)
+    return _TopKAndTailLogprobs.apply(logits, indices, rows, None)
+
+
+def topk_tail_and_label_logprobs(logits: Tensor, indices: Tensor, labels: Tensor,
+                                 rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`topk_and_tail_logprobs` and the log-probability of each row's label, from the same pass.
+
+    The labels' cross-entropy and a sparse teacher's divergence then need one softmax of the
+    student's rows, and their gradients meet in one logits-sized buffer instead of two that are added.
+
+    Args:
+        logits, indices, rows: as for :func:`topk_and_tail_logprobs`.
+        labels: ``(n,)`` int64, one token id per row (among the ids or not).
+
+    Returns:
+        ``(categories, label_logprobs)``: ``(n, k + 1)`` as :func:`topk_and_tail_logprobs` gives them,
+        and ``(n,)`` ``log softmax(logits)`` at the labels.
+    """
+    if labels.shape != indices.shape[:1]:
+        raise ValueError(f"{tuple(labels.shape)} labels for {indices.shape[0]} rows")
+    both = _TopKAndTailLogprobs.apply(logits, indices, rows, labels)
+    return both[:, :-1], both[:, -1]
 
 
 def category_logprobs(
-    student_logits: Tensor, teacher: Teacher, temperature: float, tail: TailRule, rows: Tensor | None = None
+    student_logits: Tensor, teacher: Teacher, temperature: float, tail: TailRule, rows: Tensor | None = None,
+    student_categories: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities over the same categories, in float32 or wider.
 
@@ -205,6 +235,9 @@ def category_logprobs(
         rows: ``(n,)`` int64, distinct: the student's rows that the teacher's n positions are;
             None: all of them, ``n = N``. Under ``"bucket"`` they are read in place
             (:func:`topk_and_tail_logprobs`); otherwise copied out.
+        student_categories: ``(n, k + 1)``, what :func:`topk_and_tail_logprobs` gives for these
+            rows and the teacher's ids, already computed (:func:`topk_tail_and_label_logprobs`); only
+            for a :class:`TopKTeacher` under ``"bucket"``.
 
     Returns:
         ``(student_logprobs, teacher_logprobs)``, each ``(n, C)``, floored at :data:`LOG_FLOOR`;
@@ -212,6 +245,8 @@ def category_logprobs(
     """
     # Softmax over a large vocabulary in bf16 loses the tail; upcast once, here.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    if student_categories is not None and not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
+        raise ValueError("student categories computed in advance need a sparse teacher under the bucket rule")
     if rows is not None and not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
         student_logits = student_logits[rows]
     if not isinstance(teacher, TopKTeacher):
@@ -229,7 +264,8 @@ def category_logprobs(
             [teacher.logprobs.to(dtype), teacher.tail_logprob.to(dtype).unsqueeze(-1)], dim=-1
         )
         teacher_logp = torch.log_softmax(teacher_categories / temperature, dim=-1)
-        student_categories = topk_and_tail_logprobs(student_logits.to(dtype), teacher.indices, rows)
+        if student_categories is None:
+            student_categories = topk_and_tail_logprobs(student_logits.to(dtype), teacher.indices, rows)
         student_logp = torch.log_softmax(student_categories / temperature, dim=-1)
     else:
         raise ValueError(f"unknown tail rule {tail!r}; expected 'bucket' or 'renormalize'")

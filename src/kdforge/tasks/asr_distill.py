@@ -456,18 +456,18 @@ class WhisperDistillationTask(WhisperTask):
             raise ValueError(f"the teachers' packed points ({', '.join(str(p.shape[1]) for p in teacher_points)}) "
                              f"are not the student's {count}: batch() and the loss disagree on the valid points")
         student = self.heads[f"{group}student"].map_layers(student)
-        teachers = torch.stack([points if ready else maps.map_layers(points) for maps, points, ready
-                                in zip(self.heads[f"{group}teachers"], teacher_points, already_mapped)])
-        if alignment.pointwise:  # (L, 1, N, D) and (M, L, 1, N, D)
-            student, teachers = student.unsqueeze(-3), teachers.unsqueeze(-3)
-        else:  # (L, B, 1, D) and (M, L, B, 1, D)
+        teachers = [points if ready else maps.map_layers(points) for maps, points, ready
+                    in zip(self.heads[f"{group}teachers"], teacher_points, already_mapped)]
+        if alignment.pointwise:  # (L, 1, N, D) and M x (L, 1, N, D)
+            student, teachers = student.unsqueeze(-3), [points.unsqueeze(-3) for points in teachers]
+        else:  # (L, B, 1, D) and M x (L, B, 1, D)
             counts = valid.sum(dim=1).tolist()
-            student, teachers = pool_points(student, counts).unsqueeze(-2), pool_points(teachers, counts).unsqueeze(-2)
+            student, *teachers = [pool_points(points, counts).unsqueeze(-2) for points in (student, *teachers)]
         mask = torch.ones(student.shape[1:3], dtype=torch.bool, device=student.device)
         loss = lppm_loss(student, teachers, mask, weights, target=alignment.target,
                          point_loss=alignment.point_loss, normalize=alignment.normalize)
         if alignment.teacher_map != "learned":
             return loss, None
         # learned teacher maps could collapse every point onto one: contrast each student point with its own
-        contrast = torch.stack([infonce_loss(student[-1][mask], teachers[m, -1][mask]) for m in range(len(teachers))])
+        contrast = torch.stack([infonce_loss(student[-1][mask], points[-1][mask]) for points in teachers])
         return loss, contrast.mean()

@@ -12,9 +12,8 @@ from torch import Tensor
 
 from kdforge.config import ObjectiveConfig
 from kdforge.losses import OBJECTIVES, rlkd_loss
-from kdforge.losses.reduction import auto_chunk_size, masked_mean
+from kdforge.losses.reduction import auto_chunk_size, masked_mean, token_nll
 from kdforge.losses.sparse import Teacher
-from kdforge.metrics import token_nll
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -46,22 +45,22 @@ def token_loss_terms(student_logits: Tensor, teacher: Teacher | None, targets: T
         ``(total, terms)`` with terms among ``ce``, ``kd``, ``rank`` (each a scalar mean over ``mask``).
     """
     terms: dict[str, Tensor] = {}
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    if objective.ce_weight > 0:
-        terms["ce"] = masked_mean(token_nll(student_logits, targets), mask)
-        total = total + objective.ce_weight * terms["ce"]
     base = OBJECTIVES[objective.name] if objective.name != "none" and objective.weight > 0 else None
     rlkd = objective.rlkd if objective.rlkd is not None and objective.rlkd.weight > 0 else None
-    if base is not None or rlkd is not None:
-        ranking = {} if rlkd is None else dict(k=rlkd.k, dynamic=rlkd.dynamic, rank_on=rlkd.rank_on,
-                                                  regularization_strength=rlkd.regularization_strength)
-        # The chunked path is both leaner and faster than plain autograd (docs/performance.md).
-        combined = rlkd_loss(student_logits, teacher, mask, objective=base, base_weight=objective.weight,
-                             rank_weight=rlkd.weight if rlkd else 0.0, **ranking, temperature=objective.temperature,
-                             chunk_size=auto_chunk_size(student_logits.shape[-1]), **objective.base_options())
-        terms |= {name: value for name, value in (("kd", combined.base), ("rank", combined.rank)) if value is not None}
-        total = total + combined.total
-    return total, terms
+    if base is None and rlkd is None:
+        if objective.ce_weight == 0:  # the projection mapping alone
+            return student_logits.new_zeros((), dtype=torch.float32), terms
+        terms["ce"] = masked_mean(token_nll(student_logits, targets), mask)
+        return objective.ce_weight * terms["ce"], terms
+    ranking = {} if rlkd is None else dict(k=rlkd.k, dynamic=rlkd.dynamic, rank_on=rlkd.rank_on,
+                                              regularization_strength=rlkd.regularization_strength)
+    labels = dict(labels=targets, label_weight=objective.ce_weight) if objective.ce_weight > 0 else {}
+    # The chunked path is both leaner and faster than plain autograd (docs/performance.md).
+    combined = rlkd_loss(student_logits, teacher, mask, objective=base, base_weight=objective.weight,
+                         rank_weight=rlkd.weight if rlkd else 0.0, **ranking, **labels, temperature=objective.temperature,
+                         chunk_size=auto_chunk_size(student_logits.shape[-1]), **objective.base_options())
+    named = (("ce", combined.task), ("kd", combined.base), ("rank", combined.rank))
+    return combined.total, {name: value for name, value in named if value is not None}
 
 
 def term_gradient_norms(terms: dict[str, Tensor], parameters: list[Tensor]) -> dict[str, float]:

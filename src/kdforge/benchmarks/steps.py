@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kdforge.training.loop import accumulate_gradients, target_tokens
+from kdforge.training.loop import accumulate_gradients, adamw, target_tokens
 
 
 class StepTimer:
@@ -25,7 +25,7 @@ class StepTimer:
         self.task, self.indices, self.scratch = task, indices, scratch
         heads = getattr(task, "heads", None)  # training-only modules the loop trains beside the student
         modules = [task.student] + ([heads] if heads is not None else [])
-        self.optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-5)
+        self.optimizer = adamw([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-5)
 
     def __call__(self) -> float:
         started = time.perf_counter()

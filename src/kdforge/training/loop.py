@@ -151,6 +151,13 @@ def sum_terms(world: World, terms: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, totals.tolist()))
 
 
+def adamw(parameters, lr: float, weight_decay: float = 0.0, sharded: bool = False) -> torch.optim.AdamW:
+    """AdamW as training steps it: fused (one kernel for every tensor, several times faster than the
+    per-tensor default for a LoRA student and its projection heads on the CPU), except for FSDP-sharded
+    weights, which stay on the default implementation."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=not sharded)
+
+
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """Train (or resume) the run described by ``config`` into ``out_dir``; returns the final metrics.
 
@@ -189,7 +196,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     export_shell = sharding.shard(task.student, world) if sharded else None  # replaces the student's parameters
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     student_weights = [p for p in task.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = adamw(trainable.values(), settings.lr, settings.weight_decay, sharded)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
     # Training draws its random numbers (augmentation masks, dropout) from here on, whatever the task

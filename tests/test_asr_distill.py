@@ -450,3 +450,34 @@ def test_procrustes_fits_the_fixed_student_decoder_maps_to_the_first_decoder_tea
                                atol=1e-3, rtol=1e-4)
     cosine = {task: float((reference * maps[task].map_layers(units)).sum(-1).mean()) for task in maps}
     assert cosine[fitted] > cosine[seeded] + 0.1
+
+
+def test_teacher_weights_by_validation_wer_are_a_softmax_of_each_teachers_wer_measured_once(
+        tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir, tmp_path, monkeypatch):
+    import kdforge.tasks.asr_distill as asr_distill
+    from kdforge.evaluation.runner import evaluate
+
+    config = distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
+                            alignment={"teacher_weights": "validation_wer", "validation": str(speech),
+                                       "wer_temperature": 0.5})
+    wers = {"wide": evaluate(wide_whisper, speech, audio_ctx=50, progress=False)["wer"],
+            "ctc.v1": evaluate(tiny_ctc, speech, audio_ctx=50, progress=False)["wer"]}
+    expected = torch.softmax(-torch.tensor([wers["wide"], wers["ctc.v1"]], dtype=torch.float64) / 0.5, dim=0)
+    task = asr_distill.WhisperDistillationTask(config, tmp_path)
+    torch.testing.assert_close(task.teacher_weights.double(), expected)
+    assert json.loads((tmp_path / "teacher_wers.json").read_text())["wer"] == pytest.approx(wers)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the teachers were decoded again")
+
+    monkeypatch.setattr(asr_distill, "evaluate", no_decoding)  # a resumed run reads the record
+    torch.testing.assert_close(asr_distill.WhisperDistillationTask(config, tmp_path).teacher_weights, task.teacher_weights)
+    plain = asr_distill.WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir),
+                                                tmp_path / "plain")
+    assert plain.teacher_weights.tolist() == [1.0, 1.0]  # each teacher's config weight
+
+
+def test_teacher_weights_by_wer_need_a_validation_folder(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir):
+    with pytest.raises(KdforgeError, match="alignment.validation"):
+        distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir,
+                       alignment={"teacher_weights": "validation_wer"})

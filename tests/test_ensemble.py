@@ -1,6 +1,7 @@
-"""Ensemble decoding: minimum Bayes risk selection, disagreement, and the ensemble beating its members."""
+"""Ensembles: minimum Bayes risk decoding, disagreement, the ensemble beating its members, and teacher weights."""
 
 import json
+import math
 
 import pytest
 
@@ -126,3 +127,15 @@ def test_cached_teachers_average_like_dense_ones():
     found = small.logprobs.gather(-1, (small.indices == best[..., None]).long().argmax(-1, keepdim=True))[..., 0]
     assert torch.allclose(found[shared], mean_best[shared], atol=1e-5)
     assert shared.any()
+
+
+def test_weights_by_wer_favour_the_better_teacher_more_as_the_temperature_falls():
+    from kdforge.teachers.ensemble import weights_by_wer
+
+    assert weights_by_wer([0.3, 0.3, 0.3], 0.1) == pytest.approx([1 / 3] * 3)
+    weights = weights_by_wer([0.28, 0.37, 1.0], 0.1)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[0] / weights[1] == pytest.approx(math.exp(0.9))  # exp(-(0.28 - 0.37) / 0.1)
+    assert weights_by_wer([0.28, 0.37, 1.0], 0.01)[0] > weights[0] > weights_by_wer([0.28, 0.37, 1.0], 1.0)[0]
+    with pytest.raises(ValueError, match="temperature"):
+        weights_by_wer([0.3], 0.0)

@@ -195,10 +195,23 @@ class AlignmentConfig(StrictModel):
     point_loss: Literal["geodesic", "cosine", "mse"] = Field("geodesic", description="Distance between matched points.")
     target: Literal["sum", "centroid"] = Field("sum", description="Per-teacher terms averaged by weight, or one term "
                                                 "to the teachers' spherical centroid.")
+    teacher_weights: Literal["config", "validation_wer"] = Field(
+        "config", description="The mapped teachers' weights w_m: each teacher's `weight`, or softmax(-WER_m / "
+        "wer_temperature) of its greedy WER on alignment.validation, measured once and kept in the run folder "
+        "(teacher_wers.json).")
+    wer_temperature: float = Field(0.1, gt=0, description="tau of teacher_weights: validation_wer.")
+    validation: ModelPath | None = Field(None, description="A labelled audiofolder held out from the teachers' "
+                                         "adaptation, for teacher_weights: validation_wer (never the test split).")
     pointwise: bool = Field(True, description="Match frames in time; false pools each utterance to one point.")
     resample: Literal["linear", "pool"] = Field("linear", description="How a teacher with another frame rate "
                                                 "(or tokenization) is brought to the student's length.")
     seed: int = Field(0, description="Seed of the fixed maps (teachers', and the student's with projection fixed).")
+
+    @model_validator(mode="after")
+    def _validation_for_wer_weights(self) -> "AlignmentConfig":
+        if self.teacher_weights == "validation_wer" and self.validation is None:
+            raise ValueError("alignment.teacher_weights validation_wer needs alignment.validation, a labelled audiofolder")
+        return self
 
 
 class CacheConfig(StrictModel):

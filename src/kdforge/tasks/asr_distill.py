@@ -15,13 +15,15 @@ training target (:mod:`kdforge.teachers.build`): the reference for the labelled 
   ``decoder_layers`` the student's decoder states are mapped too, their points the target tokens,
   each Whisper teacher's (teacher-forced on the same text, in its own tokenization) resampled to
   the student's tokens; the term is then the mean over all mapped layers, each the mean over its
-  points.
+  points; the teachers weighted by their config ``weight`` or by validation WER
+  (``alignment.teacher_weights``).
 
 No teacher runs during training: a missing cache is built first, a stale one refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -32,11 +34,13 @@ from torch.nn import functional as F
 from kdforge.alignment import (StudentProjection, TeacherProjection, infonce_loss, lppm_loss, pack_points, pool_points,
                                procrustes_map, shared_dimension, uniform_layer_map)
 from kdforge.errors import KdforgeError
+from kdforge.evaluation.runner import evaluate
+from kdforge.files import write_json_atomic
 from kdforge.models.loading import model_type_of
 from kdforge.tasks.asr import WhisperTask, read_training_audio
 from kdforge.teachers.cache import (ENSEMBLE, TOP_K_FIELDS, TeacherCache, as_top_k, data_fingerprint,
                                     stack_top_k)
-from kdforge.teachers.ensemble import ensemble_top_k
+from kdforge.teachers.ensemble import ensemble_top_k, weights_by_wer
 
 
 def encoder_shape(model_dir: str | Path) -> tuple[int, int, float]:
@@ -213,6 +217,21 @@ def valid_points(states: list[Tensor], valid: Tensor) -> Tensor:
     return torch.stack([layer.flatten(0, 1).index_select(0, rows) for layer in states])
 
 
+def validation_wers(teachers: dict[str, Path], data: Path, audio_ctx: int | None, record: Path) -> dict[str, float]:
+    """Each teacher's greedy WER on the labelled audiofolder ``data``, kept in ``record`` (JSON).
+
+    A record of the same folder and teachers is read instead of decoding again: a resumed run, and every
+    process after the first, get the weights the first measured.
+    """
+    if record.exists():
+        kept = json.loads(record.read_text())
+        if kept.get("validation") == str(data) and set(kept.get("wer", {})) == set(teachers):
+            return {name: kept["wer"][name] for name in teachers}
+    wers = {name: evaluate(path, data, audio_ctx=audio_ctx, progress=False)["wer"] for name, path in teachers.items()}
+    write_json_atomic(record, {"validation": str(data), "wer": wers})
+    return wers
+
+
 class WhisperDistillationTask(WhisperTask):
     """A Whisper student (optionally built from a teacher's layers, optionally LoRA) distilled from the cache."""
 
@@ -233,13 +252,14 @@ class WhisperDistillationTask(WhisperTask):
         self.premapped = {name for name, maps in fixed_teacher_maps(config).items() if self.cache.maps(name) == maps}
         self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
         self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
-        self.teacher_weights = torch.tensor([t.weight for t in self.mapped])
+        weights = self._mapping_weights(work_dir)
+        self.teacher_weights = torch.tensor([weights[t.label] for t in self.mapped])
         self.decoder_layers, decoder_plan = decoder_layer_plan(config) if self.mapped else ([], {})
         self.decoder_mapped = [t for t in self.mapped if t.label in decoder_plan]
         if self.decoder_layers and not self.decoder_mapped:
             raise KdforgeError("alignment.decoder_layers is set, but no mapped teacher has a decoder")
         self.teacher_decoder_layers = {t.label: decoder_plan[t.label] for t in self.decoder_mapped}
-        self.decoder_weights = torch.tensor([t.weight for t in self.decoder_mapped])
+        self.decoder_weights = torch.tensor([weights[t.label] for t in self.decoder_mapped])
         self._add_adapters()
         torch.manual_seed(config.training.seed + 1)  # the same heads whether or not student-init was just built
         self.heads = self._projection_heads() if self.mapped else None
@@ -262,6 +282,16 @@ class WhisperDistillationTask(WhisperTask):
         used = {"targets": [t.label for t in self.config.teachers] if self.config.data.labelled else [],
                 "logit": self.logit_teachers, "lppm": [t.label for t in self.mapped]}
         return used | ({"lppm_tokens": [t.label for t in self.decoder_mapped]} if self.decoder_layers else {})
+
+    def _mapping_weights(self, work_dir: Path) -> dict[str, float]:
+        """Each mapped teacher's weight ``w_m`` in the mapping's target: its config ``weight``, or by validation
+        WER (:func:`validation_wers`, measured once per run folder)."""
+        alignment = self.config.alignment
+        if not self.mapped or alignment.teacher_weights == "config":
+            return {t.label: t.weight for t in self.mapped}
+        wers = validation_wers({t.label: t.path for t in self.mapped}, alignment.validation,
+                               self.config.audio.audio_ctx, Path(work_dir) / "teacher_wers.json")
+        return dict(zip(wers, weights_by_wer(list(wers.values()), alignment.wer_temperature)))
 
     def _check_cached_labels(self) -> None:
         """The logit teachers were teacher-forced on exactly the student's target tokens."""

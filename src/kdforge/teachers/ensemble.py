@@ -25,6 +25,21 @@ def ensemble_logprobs(teacher_logits: list[Tensor], weights: list[float] | None 
     return torch.logsumexp(stacked, dim=0)
 
 
+def weights_by_wer(wers: list[float], temperature: float) -> list[float]:
+    """Teacher weights ``softmax(-WER_m / temperature)`` (METHODS.md section 1, "by validation WER").
+
+    Args:
+        wers: M word error rates (>= 0; above 1 when a teacher inserts words).
+        temperature: tau > 0; small tau puts nearly all weight on the best teacher.
+
+    Returns:
+        M weights summing to 1.
+    """
+    if temperature <= 0:
+        raise ValueError(f"the WER temperature must be > 0, got {temperature}")
+    return torch.softmax(-torch.tensor(wers, dtype=torch.float64) / temperature, dim=0).tolist()
+
+
 def ensemble_top_k(teachers: list[TopKTeacher], weights: list[float] | None = None) -> TopKTeacher:
     """The weighted mean of several cached (top-k) teachers' probabilities, kept sparse.
 

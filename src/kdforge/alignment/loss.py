@@ -66,22 +66,22 @@ class _PointCosines(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         student, cosines, *rest = ctx.saved_tensors
         count = len(rest) // 2
-        teachers, norms = rest[:count], rest[count:]
-        student_norm, teacher_norms = norms[0], norms[1:]
+        teachers, (student_norm, *teacher_norms) = rest[:count], rest[count:]
 
-        def own_share(values: Tensor, norm: Tensor) -> Tensor:
-            """``-(sum of g cos) / |x|^2`` per point: the part along the point itself (0 when its norm is clamped)."""
-            return torch.where(norm > NORM_EPS, -values / norm.clamp(min=NORM_EPS) ** 2, 0.0).unsqueeze(-1)
+        def along_itself(weighted_cosines: Tensor, norm: Tensor) -> Tensor:
+            """``-(g cos) / |x|^2``, the factor of the point's own direction (0 where its norm is clamped)."""
+            return torch.where(norm > NORM_EPS, -weighted_cosines / norm.clamp(min=NORM_EPS) ** 2, 0.0).unsqueeze(-1)
 
-        def scaled(grad_m: Tensor, norm: Tensor, other_norm: Tensor) -> Tensor:
-            return (grad_m / (norm.clamp(min=NORM_EPS) * other_norm.clamp(min=NORM_EPS))).unsqueeze(-1)
+        def across(grad_m: Tensor, teacher_norm: Tensor) -> Tensor:
+            """``g_m / (|s| |t_m|)``, the factor of the other point."""
+            return (grad_m / (student_norm.clamp(min=NORM_EPS) * teacher_norm.clamp(min=NORM_EPS))).unsqueeze(-1)
 
         grad_student = None
         if ctx.needs_input_grad[0]:
-            grad_student = student * own_share((grad * cosines).sum(0), student_norm)
+            grad_student = student * along_itself((grad * cosines).sum(0), student_norm)
             for grad_m, teacher, norm in zip(grad, teachers, teacher_norms):
-                grad_student.addcmul_(teacher, scaled(grad_m, student_norm, norm))
-        grad_teachers = [teacher * own_share(grad_m * cos_m, norm) + student * scaled(grad_m, student_norm, norm)
+                grad_student.addcmul_(teacher, across(grad_m, norm))
+        grad_teachers = [teacher * along_itself(grad_m * cos_m, norm) + student * across(grad_m, norm)
                          if ctx.needs_input_grad[1 + m] else None
                          for m, (grad_m, cos_m, teacher, norm) in enumerate(zip(grad, cosines, teachers, teacher_norms))]
         return grad_student, *grad_teachers

@@ -44,14 +44,13 @@ def token_loss_terms(student_logits: Tensor, teacher: Teacher | None, targets: T
     Returns:
         ``(total, terms)`` with terms among ``ce``, ``kd``, ``rank`` (each a scalar mean over ``mask``).
     """
-    terms: dict[str, Tensor] = {}
     base = OBJECTIVES[objective.name] if objective.name != "none" and objective.weight > 0 else None
     rlkd = objective.rlkd if objective.rlkd is not None and objective.rlkd.weight > 0 else None
-    if base is None and rlkd is None:
-        if objective.ce_weight == 0:  # the projection mapping alone
-            return student_logits.new_zeros((), dtype=torch.float32), terms
-        terms["ce"] = masked_mean(token_nll(student_logits, targets), mask)
-        return objective.ce_weight * terms["ce"], terms
+    if base is None and rlkd is None:  # no logit term: the labels alone, or nothing (the projection mapping alone)
+        if objective.ce_weight == 0:
+            return student_logits.new_zeros((), dtype=torch.float32), {}
+        cross_entropy = masked_mean(token_nll(student_logits, targets), mask)
+        return objective.ce_weight * cross_entropy, {"ce": cross_entropy}
     ranking = {} if rlkd is None else dict(k=rlkd.k, dynamic=rlkd.dynamic, rank_on=rlkd.rank_on,
                                               regularization_strength=rlkd.regularization_strength)
     labels = dict(labels=targets, label_weight=objective.ce_weight) if objective.ce_weight > 0 else {}

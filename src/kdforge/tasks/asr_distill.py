@@ -227,7 +227,7 @@ def validation_wers(teachers: dict[str, Path], data: Path, audio_ctx: int | None
         kept = json.loads(record.read_text())
         if kept.get("validation") == str(data) and set(kept.get("wer", {})) == set(teachers):
             return {name: kept["wer"][name] for name in teachers}
-    wers = {name: evaluate(path, data, audio_ctx=audio_ctx, progress=False)["wer"] for name, path in teachers.items()}
+    wers = {name: evaluate(path, data, audio_ctx=audio_ctx)["wer"] for name, path in teachers.items()}
     write_json_atomic(record, {"validation": str(data), "wer": wers})
     return wers
 

@@ -472,6 +472,10 @@ def test_teacher_weights_by_validation_wer_are_a_softmax_of_each_teachers_wer_me
 
     monkeypatch.setattr(asr_distill, "evaluate", no_decoding)  # a resumed run reads the record
     torch.testing.assert_close(asr_distill.WhisperDistillationTask(config, tmp_path).teacher_weights, task.teacher_weights)
+    record = json.loads((tmp_path / "teacher_wers.json").read_text())
+    (tmp_path / "teacher_wers.json").write_text(json.dumps({**record, "validation": "another/folder"}))
+    with pytest.raises(AssertionError, match="decoded again"):  # a record of another folder is measured anew
+        asr_distill.WhisperDistillationTask(config, tmp_path)
     plain = asr_distill.WhisperDistillationTask(distill_config(tiny_whisper, wide_whisper, tiny_ctc, speech, cache_dir),
                                                 tmp_path / "plain")
     assert plain.teacher_weights.tolist() == [1.0, 1.0]  # each teacher's config weight

@@ -304,6 +304,8 @@ def test_categories_computed_in_advance_need_a_sparse_teacher_under_the_bucket_r
     for teacher, tail in ((dense_teacher, "bucket"), (TopKTeacher.from_logits(dense_teacher, 4), "renormalize")):
         with pytest.raises(ValueError, match="bucket rule"):
             forward_kl(logits, teacher, tail=tail, student_categories=categories)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\), expected \(3, 5\)"):  # another mask's rows
+        forward_kl(logits, TopKTeacher.from_logits(dense_teacher, 4), student_categories=categories[:2])
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize", "dense"])

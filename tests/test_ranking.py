@@ -239,8 +239,10 @@ def test_block_topk_finds_the_same_ids_as_a_full_topk(vocab_size):
 
 
 @pytest.mark.parametrize("teacher_kind", ["top-k bucket", "top-k renormalize", "dense"])
-@pytest.mark.parametrize("rank_weight", [0.0, 2.0])
-def test_the_labels_term_inside_rlkd_equals_cross_entropy_beside_it(monkeypatch, teacher_kind, rank_weight):
+@pytest.mark.parametrize("rank_weight,dynamic,masked", [(0.0, False, True), (2.0, False, True), (2.0, True, True),
+                                                        (2.0, False, False)])
+def test_the_labels_term_inside_rlkd_equals_cross_entropy_beside_it(monkeypatch, teacher_kind, rank_weight, dynamic,
+                                                                    masked):
     """Under a top-k teacher with the bucket rule the labels' cross-entropy shares the base objective's
     softmax; otherwise it is computed apart. Either way the total, its parts and the gradient are those
     of the cross-entropy added to the loss without labels."""
@@ -250,7 +252,8 @@ def test_the_labels_term_inside_rlkd_equals_cross_entropy_beside_it(monkeypatch,
     dense = random_logits(2, 5, 40, seed=22).double()
     teacher = dense if teacher_kind == "dense" else TopKTeacher.from_logits(dense, 6)
     options = dict(temperature=2.0, tail=teacher_kind.split()[-1]) if teacher_kind != "dense" else dict(temperature=2.0)
-    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]]) if masked else None
+    options["dynamic"] = dynamic
     labels = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(6))
     labels[0, :2] = dense[0, :2].argmax(-1)  # among the teacher's ids
     if teacher_kind == "top-k bucket":  # no log-softmax of its own: the labels are read in the objective's pass

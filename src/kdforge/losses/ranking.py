@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kdforge.losses.reduction import (check_positions, flat_positions, masked_mean, row_count, row_selector,
                                      token_nll, valid_rows)
-from kdforge.losses.sparse import Teacher, TopKTeacher, teacher_rows, topk_tail_and_label_logprobs
+from kdforge.losses.sparse import DEFAULT_TAIL, Teacher, TopKTeacher, teacher_rows, topk_tail_and_label_logprobs
 
 RankOn = Literal["logits", "probs"]
 
@@ -336,7 +336,7 @@ def rlkd_loss(
     regularization_strength: float = 1.0,
     rank_on: RankOn = "logits",
     labels: Tensor | None = None,
-    label_weight: float = 0.0,
+    label_weight: float = 1.0,
     **objective_options,
 ) -> RankedLoss:
     """``base_weight * L_base + rank_weight * L_rank``: any base objective plus the RLKD ranking term,
@@ -347,7 +347,10 @@ def rlkd_loss(
     ``|topk_T INTERSECT topk_S| / k``. ``objective=None`` is the ranking term alone, and
     ``rank_weight=0`` the base objective alone. The labels' term is here, not beside this function,
     so that its gradient meets the others' in one buffer; under a sparse teacher with the bucket rule
-    it also shares the base objective's softmax (:func:`~kdforge.losses.sparse.topk_tail_and_label_logprobs`).
+    it also shares the base objective's softmax (:func:`~kdforge.losses.sparse.topk_tail_and_label_logprobs`),
+    which the objective then receives as ``student_categories``: every objective of
+    :data:`~kdforge.losses.OBJECTIVES` hands its options to :func:`~kdforge.losses.reduction.objective_loss`,
+    and an objective of one's own must accept it too.
 
     Args:
         student_logits, teacher_logits, mask: as for every loss in :mod:`kdforge.losses`.
@@ -376,7 +379,7 @@ def rlkd_loss(
     base = rank = task = None
     total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     if labels is not None:
-        shares_softmax = objective is not None and objective_options.get("tail", "bucket") == "bucket"
+        shares_softmax = objective is not None and objective_options.get("tail", DEFAULT_TAIL) == "bucket"
         task, categories = _task_loss(flat, teacher_flat, labels.reshape(-1), mask_flat, shares_softmax)
         if categories is not None:
             objective_options["student_categories"] = categories
@@ -398,9 +401,9 @@ def _task_loss(flat: Tensor, teacher: Teacher, labels: Tensor, mask: Tensor | No
     """The labels' mean cross-entropy over the valid rows of ``flat`` ``(n, V)``, and, when it shares the
     base objective's softmax (``shares_softmax`` and a sparse teacher), the student's categories that
     objective then reads instead of computing them (:func:`~kdforge.losses.sparse.category_logprobs`)."""
-    rows = valid_rows(flat.shape[:1], mask, flat.device)
     if not (shares_softmax and isinstance(teacher, TopKTeacher)):
         return masked_mean(token_nll(flat, labels), mask), None
+    rows = valid_rows(flat.shape[:1], mask, flat.device)
     selector = row_selector(rows)
     categories, label_logprobs = topk_tail_and_label_logprobs(
         flat.to(torch.promote_types(flat.dtype, torch.float32)), teacher.indices[selector], labels[selector], rows)

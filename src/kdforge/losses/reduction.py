@@ -14,8 +14,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from kdforge.losses.sparse import (TailRule, Teacher, TopKTeacher, category_logprobs, teacher_leading_shape,
-                                   teacher_rows)
+from kdforge.losses.sparse import (DEFAULT_TAIL, TailRule, Teacher, TopKTeacher, category_logprobs,
+                                   check_student_categories, teacher_leading_shape, teacher_rows)
 
 
 #: Elements per chunk on the bounded-memory path: 16 MiB per float32 temporary, so a chunk's ~10
@@ -164,7 +164,7 @@ def objective_loss(
     mask: Tensor | None = None,
     temperature: float = 1.0,
     *,
-    tail: TailRule = "bucket",
+    tail: TailRule = DEFAULT_TAIL,
     chunk_size: int | None = None,
     position_weights: Tensor | None = None,
     student_categories: Tensor | None = None,
@@ -194,12 +194,11 @@ def objective_loss(
     """
     check_positions(student_logits, teacher, mask, position_weights)
     bucket = isinstance(teacher, TopKTeacher) and tail == "bucket"
-    if student_categories is not None and not bucket:
-        raise ValueError("student categories computed in advance need a sparse teacher under the bucket rule")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     leading = student_logits.shape[:-1]
     rows = valid_rows(leading, mask, student_logits.device)
+    check_student_categories(student_categories, teacher_rows(teacher, row_selector(rows)), tail)
     weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
     student_flat = flat_positions(student_logits)
 

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 TailRule = Literal["bucket", "renormalize"]
+#: The tail rule of every objective unless a caller picks another.
+DEFAULT_TAIL: TailRule = "bucket"
 
 #: Log-probabilities are floored here: e**-1e4 is exactly 0 in float32 and float64, and a finite
 #: floor keeps 0 * log 0 = 0 free of NaN in both values and gradients.
@@ -120,7 +122,8 @@ class _TopKAndTailLogprobs(torch.autograd.Function):
         count = indices.shape[0]
         maxes, outside = (torch.empty(count, dtype=logits.dtype, device=logits.device) for _ in range(2))
         at_ids = torch.empty(indices.shape, dtype=logits.dtype, device=logits.device)
-        exponentials = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        # contiguous whatever the logits' strides: the backward writes into it through a flat view
+        exponentials = torch.empty_like(logits, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
         if exponentials is not None and rows is not None:
             unread = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device).index_fill_(0, rows, False)
             exponentials.index_fill_(0, unread.nonzero().squeeze(1), 0.0)
@@ -220,6 +223,18 @@ def topk_tail_and_label_logprobs(logits: Tensor, indices: Tensor, labels: Tensor
     return both[:, :-1], both[:, -1]
 
 
+def check_student_categories(student_categories: Tensor | None, teacher: Teacher, tail: TailRule) -> None:
+    """Refuse student categories computed in advance unless the teacher is sparse under ``"bucket"`` (the only
+    rule that reads them) and they have its ``(n, k + 1)`` shape."""
+    if student_categories is None:
+        return
+    if not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
+        raise ValueError("student categories computed in advance need a sparse teacher under the bucket rule")
+    expected = (teacher.indices.reshape(-1, teacher.k).shape[0], teacher.k + 1)
+    if student_categories.shape != expected:
+        raise ValueError(f"student categories have shape {tuple(student_categories.shape)}, expected {expected}")
+
+
 def category_logprobs(
     student_logits: Tensor, teacher: Teacher, temperature: float, tail: TailRule, rows: Tensor | None = None,
     student_categories: Tensor | None = None,
@@ -245,8 +260,7 @@ def category_logprobs(
     """
     # Softmax over a large vocabulary in bf16 loses the tail; upcast once, here.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    if student_categories is not None and not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
-        raise ValueError("student categories computed in advance need a sparse teacher under the bucket rule")
+    check_student_categories(student_categories, teacher, tail)
     if rows is not None and not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
         student_logits = student_logits[rows]
     if not isinstance(teacher, TopKTeacher):

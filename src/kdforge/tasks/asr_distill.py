@@ -227,7 +227,8 @@ def validation_wers(teachers: dict[str, Path], data: Path, audio_ctx: int | None
         kept = json.loads(record.read_text())
         if kept.get("validation") == str(data) and set(kept.get("wer", {})) == set(teachers):
             return {name: kept["wer"][name] for name in teachers}
-    wers = {name: evaluate(path, data, audio_ctx=audio_ctx)["wer"] for name, path in teachers.items()}
+    with torch.random.fork_rng():  # whatever loading the teachers draws, the student's adapters start as without it
+        wers = {name: evaluate(path, data, audio_ctx=audio_ctx)["wer"] for name, path in teachers.items()}
     write_json_atomic(record, {"validation": str(data), "wer": wers})
     return wers
 
@@ -252,13 +253,13 @@ class WhisperDistillationTask(WhisperTask):
         self.premapped = {name for name, maps in fixed_teacher_maps(config).items() if self.cache.maps(name) == maps}
         self.teacher_layers = {t.label: plan[t.label] for t in self.mapped}
         self.teacher_rates = {t.label: encoder_shape(t.path)[2] for t in self.mapped}
-        weights = self._mapping_weights(work_dir)
-        self.teacher_weights = torch.tensor([weights[t.label] for t in self.mapped])
         self.decoder_layers, decoder_plan = decoder_layer_plan(config) if self.mapped else ([], {})
         self.decoder_mapped = [t for t in self.mapped if t.label in decoder_plan]
         if self.decoder_layers and not self.decoder_mapped:
             raise KdforgeError("alignment.decoder_layers is set, but no mapped teacher has a decoder")
         self.teacher_decoder_layers = {t.label: decoder_plan[t.label] for t in self.decoder_mapped}
+        weights = self._mapping_weights(work_dir)
+        self.teacher_weights = torch.tensor([weights[t.label] for t in self.mapped])
         self.decoder_weights = torch.tensor([weights[t.label] for t in self.decoder_mapped])
         self._add_adapters()
         torch.manual_seed(config.training.seed + 1)  # the same heads whether or not student-init was just built

@@ -154,7 +154,9 @@ def sum_terms(world: World, terms: dict[str, float]) -> dict[str, float]:
 def adamw(parameters, lr: float, weight_decay: float = 0.0, sharded: bool = False) -> torch.optim.AdamW:
     """AdamW as training steps it: fused (one kernel for every tensor, several times faster than the
     per-tensor default for a LoRA student and its projection heads on the CPU), except for FSDP-sharded
-    weights, which stay on the default implementation."""
+    weights: those are DTensors, for which the default implementation is the one the FSDP tests run.
+    A run resumed from a checkpoint keeps the implementation it started with (the optimizer's saved
+    settings are restored with its state)."""
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=not sharded)
 
 

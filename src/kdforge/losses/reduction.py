@@ -198,7 +198,8 @@ def objective_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     leading = student_logits.shape[:-1]
     rows = valid_rows(leading, mask, student_logits.device)
-    check_student_categories(student_categories, teacher_rows(teacher, row_selector(rows)), tail)
+    if student_categories is not None:
+        check_student_categories(student_categories, teacher_rows(teacher, row_selector(rows)), tail)
     weights = None if position_weights is None else position_weights.reshape(-1)[row_selector(rows)]
     student_flat = flat_positions(student_logits)
 

@@ -54,10 +54,10 @@ class _PointCosines(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: Tensor, *teachers: Tensor) -> Tensor:
-        norms = [torch.linalg.vector_norm(points, dim=-1) for points in (student, *teachers)]
-        clamped = [norm.clamp(min=NORM_EPS) for norm in norms]
-        cosines = torch.stack([torch.einsum("...d,...d->...", student, teacher) / (clamped[0] * norm)
-                               for teacher, norm in zip(teachers, clamped[1:])])
+        # clamped as F.normalize divides; a clamped norm is exactly NORM_EPS, which the backward recognises
+        norms = [torch.linalg.vector_norm(points, dim=-1).clamp(min=NORM_EPS) for points in (student, *teachers)]
+        cosines = torch.stack([torch.einsum("...d,...d->...", student, teacher) / (norms[0] * norm)
+                               for teacher, norm in zip(teachers, norms[1:])])
         ctx.save_for_backward(student, cosines, *teachers, *norms)
         return cosines
 
@@ -70,11 +70,11 @@ class _PointCosines(torch.autograd.Function):
 
         def along_itself(weighted_cosines: Tensor, norm: Tensor) -> Tensor:
             """``-(g cos) / |x|^2``, the factor of the point's own direction (0 where its norm is clamped)."""
-            return torch.where(norm > NORM_EPS, -weighted_cosines / norm.clamp(min=NORM_EPS) ** 2, 0.0).unsqueeze(-1)
+            return torch.where(norm > NORM_EPS, -weighted_cosines / norm**2, 0.0).unsqueeze(-1)
 
         def across(grad_m: Tensor, teacher_norm: Tensor) -> Tensor:
             """``g_m / (|s| |t_m|)``, the factor of the other point."""
-            return (grad_m / (student_norm.clamp(min=NORM_EPS) * teacher_norm.clamp(min=NORM_EPS))).unsqueeze(-1)
+            return (grad_m / (student_norm * teacher_norm)).unsqueeze(-1)
 
         grad_student = None
         if ctx.needs_input_grad[0]:

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from kdforge.losses.reduction import (check_positions, flat_positions, masked_mean, row_count, row_selector,
                                      token_nll, valid_rows)
-from kdforge.losses.sparse import DEFAULT_TAIL, Teacher, TopKTeacher, teacher_rows, topk_tail_and_label_logprobs
+from kdforge.losses.sparse import (DEFAULT_TAIL, Teacher, TopKTeacher, reads_rows_in_place, teacher_rows,
+                                   topk_tail_and_label_logprobs)
 
 RankOn = Literal["logits", "probs"]
 
@@ -379,7 +380,8 @@ def rlkd_loss(
     base = rank = task = None
     total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     if labels is not None:
-        shares_softmax = objective is not None and objective_options.get("tail", DEFAULT_TAIL) == "bucket"
+        tail = objective_options.get("tail", DEFAULT_TAIL)
+        shares_softmax = objective is not None and reads_rows_in_place(teacher_flat, tail)
         task, categories = _task_loss(flat, teacher_flat, labels.reshape(-1), mask_flat, shares_softmax)
         if categories is not None:
             objective_options["student_categories"] = categories
@@ -399,9 +401,9 @@ def rlkd_loss(
 def _task_loss(flat: Tensor, teacher: Teacher, labels: Tensor, mask: Tensor | None,
                shares_softmax: bool) -> tuple[Tensor, Tensor | None]:
     """The labels' mean cross-entropy over the valid rows of ``flat`` ``(n, V)``, and, when it shares the
-    base objective's softmax (``shares_softmax`` and a sparse teacher), the student's categories that
-    objective then reads instead of computing them (:func:`~kdforge.losses.sparse.category_logprobs`)."""
-    if not (shares_softmax and isinstance(teacher, TopKTeacher)):
+    base objective's softmax (``shares_softmax``: a sparse teacher read under the bucket rule), the student's
+    categories that objective then reads instead of computing them (:func:`~kdforge.losses.sparse.category_logprobs`)."""
+    if not shares_softmax:
         return masked_mean(token_nll(flat, labels), mask), None
     rows = valid_rows(flat.shape[:1], mask, flat.device)
     selector = row_selector(rows)

@@ -14,8 +14,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from kdforge.losses.sparse import (DEFAULT_TAIL, TailRule, Teacher, TopKTeacher, category_logprobs,
-                                   check_student_categories, teacher_leading_shape, teacher_rows)
+from kdforge.losses.sparse import (DEFAULT_TAIL, TailRule, Teacher, category_logprobs, check_student_categories,
+                                   reads_rows_in_place, teacher_leading_shape, teacher_rows)
 
 
 #: Elements per chunk on the bounded-memory path: 16 MiB per float32 temporary, so a chunk's ~10
@@ -193,7 +193,7 @@ def objective_loss(
         A scalar: 0 with a gradient path when no position is valid, never NaN.
     """
     check_positions(student_logits, teacher, mask, position_weights)
-    bucket = isinstance(teacher, TopKTeacher) and tail == "bucket"
+    in_place = reads_rows_in_place(teacher, tail)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     leading = student_logits.shape[:-1]
@@ -210,7 +210,7 @@ def objective_loss(
 
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if bucket:
+    if in_place:
         # the valid rows read in place: selecting them would cost a backward as slow as the term itself
         total = _weighted_divergence_sum(divergence, student_flat, teacher_rows(teacher, row_selector(rows)),
                                          weights, temperature, tail, rows, student_categories)

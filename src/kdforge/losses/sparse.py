@@ -223,12 +223,18 @@ def topk_tail_and_label_logprobs(logits: Tensor, indices: Tensor, labels: Tensor
     return both[:, :-1], both[:, -1]
 
 
+def reads_rows_in_place(teacher: Teacher, tail: TailRule) -> bool:
+    """Whether the student's side is reduced to the teacher's categories in one pass over its rows read in
+    place (:func:`topk_and_tail_logprobs`): a sparse teacher under ``"bucket"``."""
+    return isinstance(teacher, TopKTeacher) and tail == "bucket"
+
+
 def check_student_categories(student_categories: Tensor | None, teacher: Teacher, tail: TailRule) -> None:
     """Refuse student categories computed in advance unless the teacher is sparse under ``"bucket"`` (the only
     rule that reads them) and they have its ``(n, k + 1)`` shape."""
     if student_categories is None:
         return
-    if not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
+    if not reads_rows_in_place(teacher, tail):
         raise ValueError("student categories computed in advance need a sparse teacher under the bucket rule")
     expected = (teacher.indices.reshape(-1, teacher.k).shape[0], teacher.k + 1)
     if student_categories.shape != expected:
@@ -261,7 +267,7 @@ def category_logprobs(
     # Softmax over a large vocabulary in bf16 loses the tail; upcast once, here.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     check_student_categories(student_categories, teacher, tail)
-    if rows is not None and not (isinstance(teacher, TopKTeacher) and tail == "bucket"):
+    if rows is not None and not reads_rows_in_place(teacher, tail):
         student_logits = student_logits[rows]
     if not isinstance(teacher, TopKTeacher):
         teacher_logp = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)

@@ -375,3 +375,16 @@ def test_pool_resampling_keeps_empty_and_unchanged_sequences():
     assert packed.shape == (7, 2)
     assert torch.equal(packed[:4], sequences[1])
     torch.testing.assert_close(packed[4:], sequences[2].reshape(3, 2, 2).mean(1))
+
+
+def test_a_linear_student_projection_draws_each_layer_as_nn_linear_does():
+    # seeded runs keep the heads they started from before the layers were held stacked
+    torch.manual_seed(5)
+    projection = StudentProjection(width=6, dim=12, num_layers=3, kind="linear")
+    torch.manual_seed(5)
+    reference = [torch.nn.Linear(6, 12) for _ in range(3)]
+    hidden = gaussian(2, 4, 6, seed=9)
+    for slot, layer in enumerate(reference):
+        torch.testing.assert_close(projection(hidden, slot), layer(hidden))
+    with pytest.raises(IndexError):
+        projection(hidden, 3)

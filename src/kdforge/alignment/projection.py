@@ -138,7 +138,7 @@ class TeacherProjection(nn.Module):
 class StudentProjection(nn.Module):
     """The ``P_l: R^{width} -> R^{dim}``, one per mapped student layer, learned by default.
 
-    ``kind``: ``"linear"`` is ``Linear(width, dim)``; ``"mlp"`` is
+    ``kind``: ``"linear"`` is an affine ``width -> dim`` map (:class:`BatchedLinear`); ``"mlp"`` is
     ``Linear(width, dim) -> GELU -> Linear(dim, dim)``; ``"fixed"`` (an ablation) is a seeded
     semi-orthogonal map like a teacher's (:class:`TeacherProjection` from ``seed``), which nothing
     trains: a learned projection can absorb the mapping without the student's states moving
@@ -151,7 +151,7 @@ class StudentProjection(nn.Module):
         if kind == "fixed":
             self.layers = TeacherProjection(width, dim, num_layers, seed)
         elif kind == "linear":
-            self.layers = nn.ModuleList(nn.Linear(width, dim) for _ in range(num_layers))
+            self.layers = BatchedLinear(width, dim, num_layers)
         elif kind == "mlp":
             self.layers = nn.ModuleList(
                 nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in range(num_layers)
@@ -161,7 +161,7 @@ class StudentProjection(nn.Module):
 
     def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
         """``(B, T, width) -> (B, T, dim)`` through the projection of mapped layer ``layer_slot``."""
-        if isinstance(self.layers, TeacherProjection):
+        if isinstance(self.layers, (TeacherProjection, BatchedLinear)):
             return self.layers(hidden, layer_slot)
         check_layer_slot(layer_slot, len(self.layers))
         return self.layers[layer_slot](hidden)
@@ -169,15 +169,39 @@ class StudentProjection(nn.Module):
     def map_layers(self, hidden: Tensor) -> Tensor:
         """``(layers, N, width) -> (layers, N, dim)``: each mapped layer's points through its own projection.
 
-        Linear projections take one batched ``bias + points @ weight^T`` (forward and backward are
-        one product each instead of one per layer).
+        Fixed and linear projections take one batched product (forward and backward are one product
+        each instead of one per layer).
         """
-        if isinstance(self.layers, TeacherProjection):
+        if isinstance(self.layers, (TeacherProjection, BatchedLinear)):
             return self.layers.map_layers(hidden)
         if hidden.dim() != 3 or hidden.shape[0] != len(self.layers):
             raise ValueError(f"expected ({len(self.layers)}, N, width) points, got {tuple(hidden.shape)}")
-        if isinstance(self.layers[0], nn.Linear):
-            weights = torch.stack([layer.weight for layer in self.layers]).transpose(1, 2)
-            biases = torch.stack([layer.bias for layer in self.layers]).unsqueeze(1)
-            return torch.baddbmm(biases, hidden, weights)
         return torch.stack([self(points, slot) for slot, points in enumerate(hidden)])
+
+
+class BatchedLinear(nn.Module):
+    """``num_layers`` affine maps ``R^{width} -> R^{dim}`` held as one ``(num_layers, width, dim)`` weight
+    and one ``(num_layers, dim)`` bias, each layer's drawn as ``nn.Linear(width, dim)`` draws its own.
+
+    Held stacked, every layer's points go through their maps in one ``baddbmm`` whose weight gradient
+    lands in the parameter as it is: per-layer ``nn.Linear`` modules cost a stack of their weights per
+    step and a transposing copy of each gradient (together ~0.5% of a distillation step,
+    docs/performance.md).
+    """
+
+    def __init__(self, width: int, dim: int, num_layers: int):
+        super().__init__()
+        drawn = [nn.Linear(width, dim) for _ in range(num_layers)]  # same draws, in the same order
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().T for layer in drawn]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in drawn]))
+
+    def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
+        """``(..., width) -> (..., dim)`` through the map of layer ``layer_slot``."""
+        check_layer_slot(layer_slot, len(self.weight))
+        return hidden @ self.weight[layer_slot] + self.bias[layer_slot]
+
+    def map_layers(self, hidden: Tensor) -> Tensor:
+        """``(num_layers, N, width) -> (num_layers, N, dim)``, each layer's points through its own map."""
+        if hidden.dim() != 3 or hidden.shape[0] != len(self.weight):
+            raise ValueError(f"expected ({len(self.weight)}, N, width) points, got {tuple(hidden.shape)}")
+        return torch.baddbmm(self.bias.unsqueeze(1), hidden, self.weight)

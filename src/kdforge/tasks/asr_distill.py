@@ -347,9 +347,9 @@ class WhisperDistillationTask(WhisperTask):
         weights only: a resumed run (or another rank) fits the same maps again from the same utterances.
         """
         fit_student = self.config.alignment.projection == "fixed"
-        groups = [("", self.mapped, "hidden", self.student_layers)]
+        groups = [("", self.mapped, "hidden")]
         if self.decoder_layers:
-            groups.append(("decoder_", self.decoder_mapped, "decoder", self.decoder_layers))
+            groups.append(("decoder_", self.decoder_mapped, "decoder"))
         refitted = {group: [*self.heads[f"{group}teachers"][1:], *([self.heads[f"{group}student"].layers]
                                                                     if fit_student else [])]
                     for group, *_ in groups}
@@ -362,15 +362,11 @@ class WhisperDistillationTask(WhisperTask):
         for start in range(0, count, size):
             batch = self.batch(list(range(start, min(start + size, count))))
             output = self.forward(batch["features"], batch["inputs"], hidden_states=True) if fit_student else None
-            for group, teachers, key, layers in groups:
+            for group, teachers, key in groups:
                 points = [batch[f"{key}/{t.label}"] for t in teachers]  # raw: nothing is premapped here
                 if fit_student:
-                    if key == "decoder":  # the target tokens, as _token_lppm maps them
-                        states, valid = output.decoder_hidden_states, batch["target_mask"]
-                    else:  # the frames of speech, as _lppm maps them
-                        states = output.encoder_hidden_states
-                        valid = frames_of_speech(states, batch)
-                    points.append(valid_points([states[layer] for layer in layers], valid))
+                    hidden_states = output.decoder_hidden_states if group else output.encoder_hidden_states
+                    points.append(valid_points(*self._mapped_states(group, hidden_states, batch)))
                 reference = self.heads[f"{group}teachers"][0].map_layers(F.normalize(points[0], dim=-1))
                 for index, own in enumerate(points[1:]):
                     # packed teacher points are float32; the student's states are in its own dtype
@@ -455,15 +451,24 @@ class WhisperDistillationTask(WhisperTask):
     def _lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """The projection-mapping loss over frame points (encoder states of the frames of speech), and
         the InfoNCE term when the teacher maps are learned."""
-        return self._group_loss("", [hidden_states[layer] for layer in self.student_layers],
-                                [batch[f"hidden/{t.label}"] for t in self.mapped], frames_of_speech(hidden_states, batch),
+        states, valid = self._mapped_states("", hidden_states, batch)
+        return self._group_loss("", states, [batch[f"hidden/{t.label}"] for t in self.mapped], valid,
                                 self.teacher_weights, [t.label in self.premapped for t in self.mapped])
 
     def _token_lppm(self, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """:meth:`_lppm` over token points: the decoder states at the target positions."""
-        return self._group_loss("decoder_", [hidden_states[layer] for layer in self.decoder_layers],
-                                [batch[f"decoder/{t.label}"] for t in self.decoder_mapped], batch["target_mask"],
+        states, valid = self._mapped_states("decoder_", hidden_states, batch)
+        return self._group_loss("decoder_", states, [batch[f"decoder/{t.label}"] for t in self.decoder_mapped], valid,
                                 self.decoder_weights, [False] * len(self.decoder_mapped))
+
+    def _mapped_states(self, group: str, hidden_states: tuple[Tensor, ...], batch: dict[str, Tensor]
+                       ) -> tuple[list[Tensor], Tensor]:
+        """One group's student points: its mapped layers' states ``(B, T, d_s)`` and the ``(B, T)`` bool mask
+        of its points: the encoder's frames of speech (``group`` ``""``) or the decoder's target tokens
+        (``"decoder_"``), from the encoder's or the decoder's ``hidden_states``."""
+        if group == "decoder_":
+            return [hidden_states[layer] for layer in self.decoder_layers], batch["target_mask"]
+        return [hidden_states[layer] for layer in self.student_layers], frames_of_speech(hidden_states, batch)
 
     def _group_loss(self, group: str, student_states: list[Tensor], teacher_points: list[Tensor], valid: Tensor,
                     weights: Tensor, already_mapped: list[bool]) -> tuple[Tensor, Tensor | None]:

@@ -51,8 +51,11 @@ def test_ensemble_beats_members_that_err_differently(speech, tmp_path, monkeypat
     result = evaluate_ensemble(["a", "b", "c"], speech, batch_size=3, out_jsonl=tmp_path / "h.jsonl", progress=False)
     assert all(member["wer"] > 0 for member in result["members"])
     # utterance 1 is wrong in a and c alike ("zzz " + text): the majority error wins there, nowhere else
-    chosen = [json.loads(line)["hypothesis"] for line in (tmp_path / "h.jsonl").read_text().splitlines()]
-    assert chosen == [("zzz " + t) if i == 1 else t for i, t in enumerate(references)]
+    rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert [row["hypothesis"] for row in rows] == [("zzz " + t) if i == 1 else t for i, t in enumerate(references)]
+    for name, errs in wrong.items():  # every member's own transcript of every utterance is kept beside the choice
+        assert [row["members"][name] for row in rows] == [("zzz " + t) if i in errs else t
+                                                           for i, t in enumerate(references)]
     assert result["wer"] < min(member["wer"] for member in result["members"])
     pair_ab = next(p for p in result["disagreement"] if (p["a"], p["b"]) == ("a", "b"))
     assert pair_ab["errors_differ"] == 1.0 and pair_ab["hypotheses_differ"] == pytest.approx(4 / len(references))

@@ -18,7 +18,7 @@ def eval_command(
     data: Path = typer.Option(..., "--data", help="Audiofolder: a folder with metadata.csv (e.g. CORPUS/test)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Utterances decoded together."),
     audio_ctx: int = typer.Option(None, "--audio-ctx", help="Whisper encoder positions kept (1500 = 30 s, 400 = 8 s)."),
-    out: Path = typer.Option(None, "--out", help="New JSONL file keeping every hypothesis."),
+    out: Path = typer.Option(None, "--out", help="New JSONL file keeping every hypothesis (an ensemble's members' too, under \"members\")."),
     no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", min=0, help="Whisper models (CTC ones cannot loop): never repeat a token n-gram "
                                         "of this size in a transcript (a guard against decoding loops); 0: plain "
                                         "greedy, as every documented number."),

@@ -57,7 +57,8 @@ def evaluate_ensemble(model_dirs: list[str | Path], data_dir: str | Path, batch_
     Returns:
         ``{"wer", "cer", "n", "utterances_per_s"}`` of the ensemble (its time is the members' times
         added: they run one after another), plus ``members`` (each member's scores) and
-        ``disagreement`` (each pair, see :func:`disagreement`).
+        ``disagreement`` (each pair, see :func:`disagreement`). ``out_jsonl`` keeps the ensemble's
+        hypotheses and, under ``members``, each member's.
     Raises:
         KdforgeError: fewer than two members, weights that do not match, or bad input.
     """
@@ -82,6 +83,6 @@ def evaluate_ensemble(model_dirs: list[str | Path], data_dir: str | Path, batch_
     pairs = [{"a": str(model_dirs[i]), "b": str(model_dirs[j]), **disagreement(references, transcripts[i], transcripts[j])}
              for i, j in itertools.combinations(range(len(model_dirs)), 2)]
     if out_jsonl is not None:
-        write_hypotheses(out_jsonl, records, chosen)
+        write_hypotheses(out_jsonl, records, chosen, dict(zip(map(str, model_dirs), transcripts)))
     return {"wer": rates.wer, "cer": rates.cer, "n": len(records), "utterances_per_s": len(records) / seconds,
             "members": members, "disagreement": pairs}

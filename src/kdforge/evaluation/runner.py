@@ -52,13 +52,20 @@ def transcribe_all(recognizer: Recognizer, records: list[AudioRecord], batch_siz
     return hypotheses, time.perf_counter() - start, audio_seconds
 
 
-def write_hypotheses(out_jsonl: Path, records: list[AudioRecord], hypotheses: list[str]) -> None:
-    """One JSON object per utterance: id, reference, hypothesis and both normalised."""
+def write_hypotheses(out_jsonl: Path, records: list[AudioRecord], hypotheses: list[str],
+                     members: dict[str, list[str]] | None = None) -> None:
+    """One JSON object per utterance: id, reference, hypothesis and both normalised; with ``members``
+    (an ensemble's, by model folder, each a hypothesis per record) also ``members``: each one's hypothesis
+    of that utterance, so one decoding serves any later comparison of the members' words."""
+    members = members or {}
     with open(out_jsonl, "w", encoding="utf-8") as handle:
-        for record, hypothesis in zip(records, hypotheses, strict=True):
-            handle.write(json.dumps({"id": record.id, "reference": record.transcription, "hypothesis": hypothesis,
-                                     "reference_normalised": normalise_text(record.transcription),
-                                     "hypothesis_normalised": normalise_text(hypothesis)}) + "\n")
+        for index, (record, hypothesis) in enumerate(zip(records, hypotheses, strict=True)):
+            row = {"id": record.id, "reference": record.transcription, "hypothesis": hypothesis,
+                   "reference_normalised": normalise_text(record.transcription),
+                   "hypothesis_normalised": normalise_text(hypothesis)}
+            if members:
+                row["members"] = {name: texts[index] for name, texts in members.items()}
+            handle.write(json.dumps(row) + "\n")
 
 
 def check_new_file(path: str | Path | None) -> Path | None:

@@ -388,3 +388,23 @@ def test_a_linear_student_projection_draws_each_layer_as_nn_linear_does():
         torch.testing.assert_close(projection(hidden, slot), layer(hidden))
     with pytest.raises(IndexError):
         projection(hidden, 3)
+
+
+def test_lppm_computes_in_float32_under_mixed_precision():
+    # nearly parallel points: a bfloat16 contraction over D would round their small angles away
+    student = gaussian(2, 3, 5, 64, seed=0)
+    teachers = [student + 1e-3 * gaussian(2, 3, 5, 64, seed=seed) for seed in (1, 2)]
+    mask, weights = torch.ones(3, 5, dtype=torch.bool), torch.tensor([1.0, 2.0])
+    plain = lppm_loss(student, teachers, mask, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = lppm_loss(student, teachers, mask, weights)
+        rounded = torch.einsum("...d,...d->...", student, teachers[0])  # what autocast does to a contraction
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    assert rounded.dtype == torch.bfloat16
+
+
+def test_infonce_computes_in_float32_under_mixed_precision():
+    student, teacher = gaussian(16, 32, seed=3), gaussian(16, 32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = infonce_loss(student, teacher)
+    assert torch.equal(mixed, infonce_loss(student, teacher))

@@ -31,7 +31,10 @@ def test_quick_run_reports_every_metric_from_its_measurements(tmp_path, monkeypa
     products = report["steps"]["mapping_products_seconds"]
     assert 0 < products < seconds["cached"]  # a part of the mapping, so of the step
     assert report["cached_step_floor_over_student_step"] == (seconds["cached_without_lppm"] + products) / seconds["student"]
-    assert set(seconds) == {"student", "cached", "online", "cached_without_lppm", "cached_without_logit_terms"}
+    assert set(seconds) == {"student", "cached", "online", "cached_without_lppm", "cached_without_logit_terms",
+                            "student_bfloat16", "cached_bfloat16"}
+    assert report["bfloat16_student_step_speedup"] == seconds["student"] / seconds["student_bfloat16"]
+    assert report["bfloat16_cached_step_over_student_step"] == seconds["cached_bfloat16"] / seconds["student_bfloat16"]
     cache = report["cache"]
     assert report["parallel_cache_speedup"] == cache["workers_1"]["seconds"] / cache["workers_2"]["seconds"]
     assert set(cache["workers_2"]["teacher_seconds"]) == {"whisper-wide", "whisper-narrow", "ctc"}
@@ -46,7 +49,8 @@ def test_quick_run_reports_every_metric_from_its_measurements(tmp_path, monkeypa
     saved = (tmp_path / "out" / "perf.json").read_text()
     assert '"cached_step_over_student_step"' in saved
     markdown = (tmp_path / "out" / "perf.md").read_text()
-    assert all(f"| {name}" in markdown for name in perf.METRICS)
+    assert all(f"| {name}" in markdown for name in (*perf.METRICS, "bfloat16_student_step_speedup",
+                                                     "bfloat16_cached_step_over_student_step"))
     assert "failed: torchrun is not there" in markdown and "Quick run" in markdown
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["perf.json", "perf.md"]  # no work folder left
 
@@ -80,6 +84,16 @@ def test_the_online_step_computes_what_the_cache_holds(tmp_path, monkeypatch):
                 torch.testing.assert_close(getattr(online[key], field), getattr(value, field), rtol=0, atol=0)
         else:
             torch.testing.assert_close(online[key], value, rtol=0, atol=0)
+
+
+def test_the_mixed_precision_steps_differ_from_their_float32_twins_in_precision_alone(tmp_path):
+    recipe = perf.recipe_configs(CONFIGS, perf.ensemble_folders(real_models=False), tmp_path / "cache",
+                                 real_models=False)
+    for name in ("student", "cached"):
+        mixed, plain = (recipe[key].model_dump() for key in (f"{name}_bfloat16", name))
+        assert plain["training"].pop("precision") == "float32"
+        assert mixed["training"].pop("precision") == "bfloat16"
+        assert mixed == plain
 
 
 def test_a_configs_folder_without_the_recipe_is_named(tmp_path):

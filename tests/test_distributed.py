@@ -51,14 +51,18 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, mon
     assert not (tmp_path / "run").exists()
 
 
-def test_per_term_gradient_norms_are_refused_with_a_sharded_student(tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting,refusal", [
+    ("training.term_grad_norms_every=2", "term_grad_norms_every cannot be used with FSDP"),
+    ("training.precision=float16", "precision float16 cannot be used with FSDP .*; use bfloat16"),
+])
+def test_settings_that_need_whole_gradients_are_refused_with_a_sharded_student(tmp_path, monkeypatch, setting, refusal):
     from kdforge.errors import KdforgeError
     from kdforge.training import distributed
 
     monkeypatch.setattr(distributed, "join", lambda device: distributed.World(rank=0, size=2))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(KdforgeError, match="term_grad_norms_every cannot be used with FSDP"):
-        train(load_config(TINY_LM, [*SHORT, "training.term_grad_norms_every=2"]), tmp_path / "run", show_progress=False)
+    with pytest.raises(KdforgeError, match=refusal):
+        train(load_config(TINY_LM, [*SHORT, setting]), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -14,6 +14,7 @@ from kdforge.models.tiny import build_tiny_lm, train_tokenizer
 from kdforge.student.init import init_student, maximally_spaced
 from kdforge.tasks.lm import collate, encode_record
 from kdforge.teachers.ensemble import ensemble_logprobs
+from kdforge.training.checkpoint import optimizer_payload
 from kdforge.training.loop import batch_indices, train
 
 
@@ -154,6 +155,63 @@ def test_term_gradient_norms_are_each_terms_own_pull_and_leave_the_step_unchange
     assert [e["step"] for e in entries if "grad_norm/kd" in e] == [2, 4] and history["steps"] == 4
 
 
+def test_mixed_precision_runs_the_forward_in_half_precision_and_keeps_float32_gradients(tiny_lm, tmp_path):
+    from kdforge.tasks.lm import LMTask
+    from kdforge.training.loop import accumulate_gradients, target_tokens
+
+    gradients, losses = {}, {}
+    for precision in ("float32", "bfloat16", "float16"):
+        torch.manual_seed(0)
+        task = LMTask(config_for(tiny_lm, precision=precision), tmp_path)
+        batches = [task.batch(list(range(8)))]
+        losses[precision] = accumulate_gradients(task, batches, target_tokens(batches), tmp_path, 0)["loss"]
+        weights = [p for p in task.student.parameters() if p.requires_grad]
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in weights)
+        gradients[precision] = torch.cat([p.grad.flatten() for p in weights])
+    for precision in ("bfloat16", "float16"):  # rounded, so not equal; close, so the same computation
+        assert not torch.equal(gradients[precision], gradients["float32"])
+        cosine = torch.nn.functional.cosine_similarity(gradients[precision], gradients["float32"], dim=0)
+        assert cosine > 0.99
+        assert losses[precision] == pytest.approx(losses["float32"], rel=1e-2)
+
+
+def test_the_float16_loss_scaler_travels_in_checkpoints(tmp_path):
+    from kdforge.training.checkpoint import load_checkpoint, save_checkpoint
+    from kdforge.training.precision import grad_scaler
+
+    def parts():
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), \
+            grad_scaler("float16", torch.device("cpu"))
+
+    model, optimizer, scheduler, scaler = parts()
+    scaler.scale(model(torch.ones(1, 3)).sum() * float("inf")).backward()  # an overflow: the scale halves
+    scaler.step(optimizer)
+    scaler.update()
+    for _ in range(3):  # then three good steps for the growth tracker
+        optimizer.zero_grad()
+        scaler.scale(model(torch.ones(1, 3)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert saved["scale"] == 2.0**15 and saved["_growth_tracker"] == 3
+    folder = save_checkpoint(tmp_path, 4, dict(model.named_parameters()), optimizer_payload(optimizer), scheduler, 1,
+                             {"torch.rank0": torch.get_rng_state()}, saved)
+    model, optimizer, scheduler, resumed = parts()
+    assert load_checkpoint(folder, model, optimizer, scheduler, grad_scaler=resumed) == 4
+    assert resumed.state_dict() == saved
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "grad_scaler": {}}))
+    model, optimizer, scheduler, resumed = parts()
+    with pytest.raises(KdforgeError, match="lacks the float16 loss scaler"):
+        load_checkpoint(folder, model, optimizer, scheduler, grad_scaler=resumed)
+
+
+def float16_config(tiny_lm):
+    return config_for(tiny_lm, precision="float16")
+
+
 def random_config(tiny_lm):
     """Dropout in the adapters and two micro-batches a step: resuming must restore the RNG exactly."""
     raw = config_for(tiny_lm, grad_accum=2).model_dump(mode="json")
@@ -161,7 +219,7 @@ def random_config(tiny_lm):
     return parse_config(raw)
 
 
-@pytest.mark.parametrize("make_config,crash_at_call", [(config_for, 4), (random_config, 7)])
+@pytest.mark.parametrize("make_config,crash_at_call", [(config_for, 4), (random_config, 7), (float16_config, 4)])
 def test_resume_after_a_crash_is_bit_identical(tiny_lm, tmp_path, monkeypatch, make_config, crash_at_call):
     train(make_config(tiny_lm), tmp_path / "straight", show_progress=False)
     import kdforge.tasks.lm as lm

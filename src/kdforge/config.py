@@ -155,6 +155,11 @@ class TrainingConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the student (and any online teacher) "
                                                    "trains: auto = a GPU when torch sees one (GPU LOCAL_RANK under "
                                                    "a launcher), else the CPU.")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision of the student's forward and the loss terms' inputs: float32, or "
+        "mixed precision (torch.autocast to bfloat16 or float16; weights, gradients, optimizer and the loss "
+        "terms' own arithmetic stay float32). float16 scales the loss (torch.amp.GradScaler, kept in "
+        "checkpoints) and skips a step whose gradients overflowed; bfloat16 needs no scaling.")
     fsdp: bool = Field(False, description="Shard the student's weights, gradients and optimizer state over the "
                        "processes (FSDP2, one unit per transformer block) instead of replicating them; on by "
                        "itself under accelerate launch --use_fsdp. One process: no effect.")

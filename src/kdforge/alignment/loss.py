@@ -7,7 +7,8 @@ the student's shape, which spares a stacked copy).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -24,6 +25,19 @@ POINT_LOSSES = {"geodesic": geodesic_loss, "cosine": cosine_loss, "mse": mse_los
 ANGULAR_DISTANCES = {"geodesic": geodesic_distance, "cosine": cosine_distance}
 #: ``F.normalize``'s floor on a norm: a zero point has cosine 0 with everything, not NaN.
 NORM_EPS = 1e-12
+
+
+def outside_autocast(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``loss`` with autocast off on its first argument's device: under mixed precision
+    (``training.precision``) its contractions over ``D`` would otherwise run in half precision, which
+    loses the small angles between unit vectors; it casts its inputs to float32 itself."""
+
+    @functools.wraps(loss)
+    def in_float32(points: Tensor, *args, **kwargs) -> Tensor:
+        with torch.autocast(points.device.type, enabled=False):
+            return loss(points, *args, **kwargs)
+
+    return in_float32
 
 
 def spherical_centroid(points: Tensor, weights: Tensor) -> Tensor:
@@ -100,6 +114,7 @@ def point_cosines(student: Tensor, teachers: Sequence[Tensor]) -> Tensor:
     return _PointCosines.apply(student, *teachers)
 
 
+@outside_autocast
 def infonce_loss(student_points: Tensor, teacher_points: Tensor, temperature: float = 0.1) -> Tensor:
     """InfoNCE from student to teacher points: the anti-collapse term of a learned teacher map.
 
@@ -125,6 +140,7 @@ def infonce_loss(student_points: Tensor, teacher_points: Tensor, temperature: fl
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
+@outside_autocast
 def lppm_loss(
     student_points: Tensor,
     teacher_points: Tensor | Sequence[Tensor],

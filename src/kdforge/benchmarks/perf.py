@@ -9,6 +9,10 @@
   the batch's points, forward and backward: the products the mapping cannot do without, so
   ``cached_step_floor_over_student_step`` (the step without the mapping, plus those products, over
   the student step) is the ratio a mapping with no other cost would reach.
+* ``bfloat16_student_step_speedup`` and ``bfloat16_cached_step_over_student_step``: the plain and the
+  cached step again under ``training.precision: bfloat16`` (mixed precision,
+  :mod:`kdforge.training.precision`), timed in the same turns: what it saves on this machine's
+  processor (a CPU with bfloat16 matrix units gains most), and whether the ratio holds there.
 * ``online_over_cached_speedup``: the same distillation step with the teachers run on the batch
   (:func:`kdforge.teachers.build.teacher_signals`, the cache builder's own code) over the cached step.
   The teachers' greedy transcripts, which pick the training targets, still come from the cache: an
@@ -109,7 +113,8 @@ def recipe_configs(configs: Path, teachers: dict[str, Path], cache_dir: Path, re
     real models) with these teachers and cache, on ``speech``, every utterance labelled so that every
     step trains on the same target tokens; ``student`` has no teacher and only the cross-entropy
     term; ``cached_without_lppm`` and ``cached_without_logit_terms`` leave out the projection mapping,
-    or KD and RLKD, to show what each costs."""
+    or KD and RLKD, to show what each costs; ``student_bfloat16`` and ``cached_bfloat16`` are the first two
+    in mixed precision."""
     from kdforge.config import load_config
 
     path = configs / ("asr/lora-lppm-rlkd.yaml" if real_models else "tiny-asr.yaml")
@@ -120,8 +125,11 @@ def recipe_configs(configs: Path, teachers: dict[str, Path], cache_dir: Path, re
                  "data.labelled=null", f"cache.dir={cache_dir}"]
     cached = load_config(path, overrides)
     ce_only = f"objective={{name: none, ce_weight: {cached.objective.ce_weight}}}"
+    student = [*overrides, "teachers=[]", "alignment=null", ce_only]
     return {"cached": cached,
-            "student": load_config(path, [*overrides, "teachers=[]", "alignment=null", ce_only]),
+            "student": load_config(path, student),
+            "cached_bfloat16": load_config(path, [*overrides, "training.precision=bfloat16"]),
+            "student_bfloat16": load_config(path, [*student, "training.precision=bfloat16"]),
             "cached_without_lppm": load_config(path, [*overrides, "alignment=null"]),
             "cached_without_logit_terms": load_config(path, [*overrides, ce_only])}
 
@@ -313,7 +321,8 @@ def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench 
         tasks = {"student": WhisperTask(recipe["student"], work), "cached": cached,
                  "online": OnlineDistillationTask(distil, work),
                  **{name: WhisperDistillationTask(recipe[name], work)
-                    for name in ("cached_without_lppm", "cached_without_logit_terms")}}
+                    for name in ("cached_without_lppm", "cached_without_logit_terms", "cached_bfloat16")},
+                 "student_bfloat16": WhisperTask(recipe["student_bfloat16"], work)}
         steps = step_seconds(tasks, work, plan.step_repeats)
         decoded = work / "student" if student is None else Path(student)
         if student is None:  # the recipe's student as training exports it (its dynamic window included)
@@ -330,6 +339,8 @@ def run(out_dir: str | Path, quick: bool = False, command: str = "kdforge bench 
         "cached_step_over_student_step": seconds["cached"] / seconds["student"],
         "cached_step_floor_over_student_step":
             (seconds["cached_without_lppm"] + steps["mapping_products_seconds"]) / seconds["student"],
+        "bfloat16_student_step_speedup": seconds["student"] / seconds["student_bfloat16"],
+        "bfloat16_cached_step_over_student_step": seconds["cached_bfloat16"] / seconds["student_bfloat16"],
         "online_over_cached_speedup": seconds["online"] / seconds["cached"],
         "parallel_cache_speedup": cache["speedup"],
         "ddp_2proc_throughput_ratio": ddp["ratio"],
@@ -372,6 +383,11 @@ def to_markdown(report: dict) -> str:
         f"| (floor: cached step without LPPM, plus the student projections alone, over student step) | "
         f"{_ratio(report['cached_step_floor_over_student_step'])} | {steps['mapping_products_seconds']:.3f} s: "
         "the mapping's unavoidable products, forward and backward |",
+        f"| bfloat16_student_step_speedup | {_ratio(report['bfloat16_student_step_speedup'])} | "
+        f"{seconds['student']:.3f} s / {seconds['student_bfloat16']:.3f} s: the plain step in float32 over "
+        "mixed precision |",
+        f"| bfloat16_cached_step_over_student_step | {_ratio(report['bfloat16_cached_step_over_student_step'])} | "
+        f"{seconds['cached_bfloat16']:.3f} s / {seconds['student_bfloat16']:.3f} s: both in mixed precision |",
         f"| parallel_cache_speedup | {_ratio(report['parallel_cache_speedup'])} | "
         f"{cache['workers_1']['seconds']:.1f} s (1 worker) / {cache['workers_2']['seconds']:.1f} s (2 workers); "
         f"the cache holds {cache['megabytes']:.0f} MB |",

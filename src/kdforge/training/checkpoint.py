@@ -5,8 +5,8 @@ few), ``checkpoints/best-step-NNNNNNN/`` (the weights of the best evaluation) an
 ``student/``, ``curves.png`` and ``result.json``. A checkpoint folder is built under a temporary name and
 renamed into place, so a crash (or a full disk) at any moment leaves the previous checkpoint intact.
 It holds the trainable weights, the optimizer's tensors (``*.safetensors``) and everything else
-(step, scheduler, optimizer hyper-parameters) in ``state.json``, every rank's RNG state in
-``rng.safetensors``.
+(step, scheduler, optimizer hyper-parameters, float16's loss scaler) in ``state.json``, every rank's
+RNG state in ``rng.safetensors``.
 """
 
 from __future__ import annotations
@@ -169,11 +169,12 @@ def _save_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor],
                     optimizer: tuple[dict[str, torch.Tensor], dict], scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    keep: int, rng: dict[str, torch.Tensor]) -> Path:
+                    keep: int, rng: dict[str, torch.Tensor], grad_scaler: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically and delete all but the newest ``keep``.
 
     ``weights`` (the trainable ones, :func:`~kdforge.training.sharding.full_tensors`), ``optimizer``
     (:func:`optimizer_payload`) and ``rng`` (:func:`rng_states`) are taken on every rank; the main one writes.
+    ``grad_scaler``: a ``torch.amp.GradScaler``'s state dict (numbers only; empty when it is disabled).
     """
 
     def write(folder: Path) -> None:
@@ -182,7 +183,8 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor],
         save_file(optimizer_tensors, folder / "optimizer.safetensors")
         save_file(rng, folder / "rng.safetensors")
         write_json_atomic(folder / "state.json", {"step": step, "optimizer": optimizer_rest,
-                                                  "scheduler": scheduler.state_dict()})
+                                                  "scheduler": scheduler.state_dict(),
+                                                  "grad_scaler": grad_scaler or {}})
 
     final = _write_checkpoint_folder(out_dir, f"step-{step:07d}", write)
     for old in sorted(final.parent.glob("step-*"))[:-keep]:
@@ -239,8 +241,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, world: World = World()) -> int:
-    """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; return the step it was taken after."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, world: World = World(),
+                    grad_scaler: torch.amp.GradScaler | None = None) -> int:
+    """Restore weights, optimizer, scheduler, this rank's RNG and the loss scaler (an enabled
+    ``grad_scaler``) from ``path``; return the step it was taken after."""
     state = _read_state(path, ("step", "optimizer", "scheduler"))
     try:
         trainable = load_file(path / "trainable.safetensors")
@@ -257,5 +261,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             parameters[name].copy_(sharded_like(value, parameters[name]))
     _restore_optimizer(optimizer, optimizer_tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        if not state.get("grad_scaler"):  # the config check makes this a damaged folder, not another precision
+            raise _damaged(path, "state.json lacks the float16 loss scaler")
+        grad_scaler.load_state_dict(state["grad_scaler"])
     _restore_rng_states(rng, world, path)
     return state["step"]

@@ -30,6 +30,7 @@ from kdforge.training.checkpoint import (best_value, claim_run_folder, empty_run
                                          save_checkpoint)
 from kdforge.training.distributed import World
 from kdforge.training.objective import term_gradient_norms
+from kdforge.training.precision import autocast, grad_scaler
 
 
 def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -59,16 +60,20 @@ def target_tokens(batches: list[dict]) -> int:
 
 
 def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out_dir: Path,
-                         step: int, norms_over: list[torch.Tensor] | None = None) -> dict[str, float]:
+                         step: int, norms_over: list[torch.Tensor] | None = None,
+                         scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """Backpropagate this process's part of the global batch through its micro-batches; return the
     logged terms (this process's share of each batch mean).
 
     Each micro-batch's loss is a mean over its own target tokens; weighting it by its share of the
     global batch's ``batch_tokens`` target tokens makes the sum over micro-batches and processes
     the mean over the whole batch, whatever the split. With ``norms_over`` (parameters), each term's
-    gradient norm over them is logged too, as ``grad_norm/<term>`` (same weighting).
+    gradient norm over them is logged too, as ``grad_norm/<term>`` (same weighting). The forwards run
+    in the task's ``training.precision`` (:mod:`kdforge.training.precision`); ``scaler``, float16's,
+    multiplies what is backpropagated.
     """
     logged: dict[str, float] = {}
+    in_precision = autocast(task.config.training.precision, next(task.student.parameters()).device)
     for micro in micro_batches:
         share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
         norms = {}
@@ -76,11 +81,14 @@ def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out
             # the same random draws as the step's forward, which follows
             device = norms_over[0].device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                norms = term_gradient_norms(task.loss(micro)[1], norms_over)
-        loss, terms = task.loss(micro)
+                with in_precision:
+                    measured_terms = task.loss(micro)[1]
+                norms = term_gradient_norms(measured_terms, norms_over)
+        with in_precision:
+            loss, terms = task.loss(micro)
         if not torch.isfinite(loss):
             raise KdforgeError(f"the loss became {loss.item()} at step {step + 1}; stopped ({kept_checkpoint(out_dir)})")
-        (loss * share).backward()
+        (loss * share if scaler is None else scaler.scale(loss * share)).backward()
         values = {"loss": float(loss.detach()), **{name: float(value.detach()) for name, value in terms.items()},
                   **{f"grad_norm/{name}": norm for name, norm in norms.items()}}
         for name, value in values.items():
@@ -178,6 +186,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     if sharded and settings.term_grad_norms_every:  # autograd reaches the gathered weights, not the shards
         raise KdforgeError("training.term_grad_norms_every cannot be used with FSDP (a term's own gradient "
                            "needs the whole weights); set it to 0")
+    if sharded and settings.precision == "float16":  # each rank would see only its shards' overflows
+        raise KdforgeError("training.precision float16 cannot be used with FSDP (its loss scaler needs every "
+                           "gradient); use bfloat16")
     if settings.batch_size % (world.size * settings.grad_accum):
         raise KdforgeError(f"training.batch_size {settings.batch_size} does not split into {world.size} processes x "
                            f"{settings.grad_accum} micro-batches (training.grad_accum)")
@@ -199,6 +210,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     student_weights = [p for p in task.student.parameters() if p.requires_grad]
     optimizer = adamw(trainable.values(), settings.lr, settings.weight_decay, sharded)
+    scaler = grad_scaler(settings.precision, world.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
     # Training draws its random numbers (augmentation masks, dropout) from here on, whatever the task
@@ -208,7 +220,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
     start = 0
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, model, optimizer, scheduler, world)
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler, world, scaler)
     history_path = out_dir / "history.jsonl"
     history = [entry for entry in read_history(history_path) if entry["step"] <= start]  # drop what the crash outran
     if world.is_main:
@@ -234,14 +246,17 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
             task.step = step  # loss weights with a warm-up read it
             measure = settings.term_grad_norms_every and (step + 1) % settings.term_grad_norms_every == 0
             step_terms = sum_terms(world, accumulate_gradients(task, micro_batches, int(batch_tokens), out_dir, step,
-                                                               student_weights if measure else None))
+                                                               student_weights if measure else None, scaler))
             world.sum_gradients(list(trainable.values()))
+            scaler.unscale_(optimizer)  # clipping reads the true gradients
             # a finite loss can still give non-finite gradients; stepping them would poison the weights
+            # (float16's scaler skips such a step itself, lowering its scale: an overflow is expected there)
             norm = sharding.clip_gradients(list(trainable.values()), settings.max_grad_norm or float("inf"))
-            if not torch.isfinite(norm):
+            if not torch.isfinite(norm) and not scaler.is_enabled():
                 raise KdforgeError(f"the gradients became {norm.item()} at step {step + 1}; stopped "
                                    f"({kept_checkpoint(out_dir)})")
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             done = step + 1
             entry = {"step": done, "lr": scheduler.get_last_lr()[0], **step_terms}
@@ -265,7 +280,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, show_pro
                 # every process takes part: each one's generator is saved, sharded tensors are gathered
                 weights, moments, rng = sharding.full_tensors(trainable), optimizer_payload(optimizer), rng_states(world)
                 if world.is_main:
-                    save_checkpoint(out_dir, done, weights, moments, scheduler, settings.keep_checkpoints, rng)
+                    save_checkpoint(out_dir, done, weights, moments, scheduler, settings.keep_checkpoints, rng,
+                                    scaler.state_dict())
             # the other processes need not wait for the main one's evaluation or checkpoint here:
             # the next step's first sum does
             progress.update(bar, advance=1, status=f"loss {step_terms['loss']:.4f}")

@@ -212,6 +212,21 @@ def float16_config(tiny_lm):
     return config_for(tiny_lm, precision="float16")
 
 
+def test_term_gradient_norms_in_float16_take_the_loss_scale_so_small_gradients_survive(tiny_lm, tmp_path):
+    from kdforge.tasks.lm import LMTask
+    from kdforge.training.objective import term_gradient_norms
+
+    task = LMTask(config_for(tiny_lm, precision="float16"), tmp_path)
+    weights = [p for p in task.student.parameters() if p.requires_grad]
+    batch = task.batch(list(range(8)))
+    tiny = 1e-7  # a term this small has gradients below float16's smallest number
+    reference = term_gradient_norms({"small": task.loss(batch)[1]["ce"] * tiny}, weights)["small"]
+    with torch.autocast("cpu", dtype=torch.float16):
+        small = {"small": task.loss(batch)[1]["ce"] * tiny}
+    assert term_gradient_norms(small, weights)["small"] < 0.5 * reference  # flushed to zero, or nearly
+    assert term_gradient_norms(small, weights, loss_scale=2.0**16)["small"] == pytest.approx(reference, rel=0.05)
+
+
 def random_config(tiny_lm):
     """Dropout in the adapters and two micro-batches a step: resuming must restore the RNG exactly."""
     raw = config_for(tiny_lm, grad_accum=2).model_dump(mode="json")

@@ -83,7 +83,7 @@ def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 with in_precision:
                     measured_terms = task.loss(micro)[1]
-                norms = term_gradient_norms(measured_terms, norms_over)
+                norms = term_gradient_norms(measured_terms, norms_over, 1.0 if scaler is None else scaler.get_scale())
         with in_precision:
             loss, terms = task.loss(micro)
         if not torch.isfinite(loss):

@@ -62,7 +62,7 @@ def token_loss_terms(student_logits: Tensor, teacher: Teacher | None, targets: T
     return combined.total, {name: value for name, value in named if value is not None}
 
 
-def term_gradient_norms(terms: dict[str, Tensor], parameters: list[Tensor]) -> dict[str, float]:
+def term_gradient_norms(terms: dict[str, Tensor], parameters: list[Tensor], loss_scale: float = 1.0) -> dict[str, float]:
     """The L2 norm of each loss term's gradient over ``parameters``: how hard each term pulls before its weight.
 
     Args:
@@ -70,11 +70,13 @@ def term_gradient_norms(terms: dict[str, Tensor], parameters: list[Tensor]) -> d
         parameters: the trainable tensors; the forward graph is kept, so the terms can be differentiated
             one after another. A term that reaches none of them (e.g. an LPPM layer below every LoRA
             adapter, which trains only its projection head) pulls with norm 0.
+        loss_scale: each term is differentiated multiplied by it and its norm divided by it: float16
+            training's loss scale, without which a float16 backward flushes small gradients to zero.
     """
     norms = {}
     for name, value in terms.items():
         gradients = [] if not value.requires_grad else \
-            torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(value * loss_scale, parameters, retain_graph=True, allow_unused=True)
         reached = [torch.linalg.vector_norm(g) for g in gradients if g is not None]
-        norms[name] = float(torch.linalg.vector_norm(torch.stack(reached))) if reached else 0.0
+        norms[name] = float(torch.linalg.vector_norm(torch.stack(reached))) / loss_scale if reached else 0.0
     return norms

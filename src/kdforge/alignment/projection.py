@@ -139,7 +139,7 @@ class StudentProjection(nn.Module):
     """The ``P_l: R^{width} -> R^{dim}``, one per mapped student layer, learned by default.
 
     ``kind``: ``"linear"`` is an affine ``width -> dim`` map (:class:`BatchedLinear`); ``"mlp"`` is
-    ``Linear(width, dim) -> GELU -> Linear(dim, dim)``; ``"fixed"`` (an ablation) is a seeded
+    ``Linear(width, dim) -> GELU -> Linear(dim, dim)`` (:class:`LayerMLPs`); ``"fixed"`` (an ablation) is a seeded
     semi-orthogonal map like a teacher's (:class:`TeacherProjection` from ``seed``), which nothing
     trains: a learned projection can absorb the mapping without the student's states moving
     (docs/results-asr.md), a fixed one leaves the states as the only thing the loss can change.
@@ -153,18 +153,13 @@ class StudentProjection(nn.Module):
         elif kind == "linear":
             self.layers = BatchedLinear(width, dim, num_layers)
         elif kind == "mlp":
-            self.layers = nn.ModuleList(
-                nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in range(num_layers)
-            )
+            self.layers = LayerMLPs(width, dim, num_layers)
         else:
             raise KdforgeError(f"student projection kind must be linear, mlp or fixed, got {kind!r}")
 
     def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
         """``(B, T, width) -> (B, T, dim)`` through the projection of mapped layer ``layer_slot``."""
-        if isinstance(self.layers, (TeacherProjection, BatchedLinear)):
-            return self.layers(hidden, layer_slot)
-        check_layer_slot(layer_slot, len(self.layers))
-        return self.layers[layer_slot](hidden)
+        return self.layers(hidden, layer_slot)
 
     def map_layers(self, hidden: Tensor) -> Tensor:
         """``(layers, N, width) -> (layers, N, dim)``: each mapped layer's points through its own projection.
@@ -172,11 +167,25 @@ class StudentProjection(nn.Module):
         Fixed and linear projections take one batched product (forward and backward are one product
         each instead of one per layer).
         """
-        if isinstance(self.layers, (TeacherProjection, BatchedLinear)):
-            return self.layers.map_layers(hidden)
-        if hidden.dim() != 3 or hidden.shape[0] != len(self.layers):
-            raise ValueError(f"expected ({len(self.layers)}, N, width) points, got {tuple(hidden.shape)}")
-        return torch.stack([self(points, slot) for slot, points in enumerate(hidden)])
+        return self.layers.map_layers(hidden)
+
+
+class LayerMLPs(nn.ModuleList):
+    """``num_layers`` small MLPs ``Linear(width, dim) -> GELU -> Linear(dim, dim)``, one per mapped layer."""
+
+    def __init__(self, width: int, dim: int, num_layers: int):
+        super().__init__(nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in range(num_layers))
+
+    def forward(self, hidden: Tensor, layer_slot: int) -> Tensor:
+        """``(..., width) -> (..., dim)`` through the MLP of layer ``layer_slot``."""
+        check_layer_slot(layer_slot, len(self))
+        return self[layer_slot](hidden)
+
+    def map_layers(self, hidden: Tensor) -> Tensor:
+        """``(num_layers, N, width) -> (num_layers, N, dim)``, each layer's points through its own MLP."""
+        if hidden.dim() != 3 or hidden.shape[0] != len(self):
+            raise ValueError(f"expected ({len(self)}, N, width) points, got {tuple(hidden.shape)}")
+        return torch.stack([mlp(points) for mlp, points in zip(self, hidden)])
 
 
 class BatchedLinear(nn.Module):

@@ -70,25 +70,26 @@ def accumulate_gradients(task, micro_batches: list[dict], batch_tokens: int, out
     the mean over the whole batch, whatever the split. With ``norms_over`` (parameters), each term's
     gradient norm over them is logged too, as ``grad_norm/<term>`` (same weighting). The forwards run
     in the task's ``training.precision`` (:mod:`kdforge.training.precision`); ``scaler``, float16's,
-    multiplies what is backpropagated.
+    multiplies what is backpropagated (none: a pass-through).
     """
     logged: dict[str, float] = {}
-    in_precision = autocast(task.config.training.precision, next(task.student.parameters()).device)
+    device = next(task.student.parameters()).device
+    in_precision = autocast(task.config.training.precision, device)
+    scaler = scaler if scaler is not None else grad_scaler("float32", device)
     for micro in micro_batches:
         share = int(micro["target_mask"].sum()) / max(batch_tokens, 1)
         norms = {}
         if norms_over:  # on a forward of its own: the chunked logit terms allow one backward per graph
             # the same random draws as the step's forward, which follows
-            device = norms_over[0].device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 with in_precision:
                     measured_terms = task.loss(micro)[1]
-                norms = term_gradient_norms(measured_terms, norms_over, 1.0 if scaler is None else scaler.get_scale())
+                norms = term_gradient_norms(measured_terms, norms_over, scaler.get_scale())
         with in_precision:
             loss, terms = task.loss(micro)
         if not torch.isfinite(loss):
             raise KdforgeError(f"the loss became {loss.item()} at step {step + 1}; stopped ({kept_checkpoint(out_dir)})")
-        (loss * share if scaler is None else scaler.scale(loss * share)).backward()
+        scaler.scale(loss * share).backward()
         values = {"loss": float(loss.detach()), **{name: float(value.detach()) for name, value in terms.items()},
                   **{f"grad_norm/{name}": norm for name, norm in norms.items()}}
         for name, value in values.items():
